@@ -109,7 +109,8 @@ def inference_on_dataset(
     The model runs in eval mode under `torch.no_grad`; its training flag is restored afterwards.
     `evaluator` may be None (only the timing is measured), one evaluator or a list of them.
     `callbacks` may hold callables `on_start()`, `before_inference()`, `after_inference()` and
-    `on_end()`. Returns `evaluator.evaluate()` ({} where that is None, e.g. on non-main ranks).
+    `on_end()`. Empty batches (all images skipped as unreadable by the mapper) are passed over.
+    Returns `evaluator.evaluate()` ({} where that is None, e.g. on non-main ranks).
     The first few iterations are excluded from the speed figures (warm-up).
     """
     num_devices = get_world_size()
@@ -155,6 +156,10 @@ def inference_on_dataset(
         data_start = time.perf_counter()
         for idx, inputs in enumerate(data_loader):
             total_data_time += time.perf_counter() - data_start
+            if isinstance(inputs, list) and not inputs:
+                # every image of this batch was skipped by the mapper (skip_bad_images=True)
+                data_start = time.perf_counter()
+                continue
             if idx == num_warmup:
                 # restart the clocks once the warm-up iterations are over
                 start_time = time.perf_counter()
