@@ -42,10 +42,8 @@ __all__ = ["BOX_METRICS", "COCOEvaluator", "evaluate_box_predictions", "instance
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def instances_to_coco_json(
-    instances: Any, image_id: int, contiguous_to_dataset_id: dict[int, int] | None = None
-) -> list[dict]:
-    """One image's predicted Instances -> COCO result dicts (XYWH boxes, dataset category ids)."""
+def instances_to_coco_json(instances: Any, image_id: int) -> list[dict]:
+    """One image's predicted Instances -> COCO result dicts (XYWH boxes, contiguous class ids)."""
     num = len(instances) if instances.get_fields() else 0
     if num == 0:
         return []
@@ -53,19 +51,10 @@ def instances_to_coco_json(
     boxes = BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
     scores = instances.scores.detach().to("cpu", torch.float64).tolist()
     classes = instances.pred_classes.detach().to("cpu").tolist()
-    results = []
-    for box, score, label in zip(boxes, scores, classes):
-        label = int(label)
-        if contiguous_to_dataset_id is not None:
-            if label not in contiguous_to_dataset_id:
-                raise ValueError(
-                    f"Image {image_id}: predicted class {label} is not a class of the dataset "
-                    f"(contiguous ids 0..{len(contiguous_to_dataset_id) - 1}); the model's "
-                    "num_classes must match the dataset's thing_classes"
-                )
-            label = contiguous_to_dataset_id[label]
-        results.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})
-    return results
+    return [
+        {"image_id": image_id, "category_id": int(label), "bbox": box, "score": score}
+        for box, score, label in zip(boxes, scores, classes)
+    ]
 
 
 def _coco_results_object(coco_gt: COCO, results: list[dict]) -> COCO:
@@ -295,14 +284,15 @@ class COCOEvaluator(DatasetEvaluator):
     def reset(self) -> None:
         self._predictions = []
 
-    def _contiguous_to_dataset_id(self) -> dict[int, int] | None:
+    def _contiguous_to_dataset_id(self, coco_gt: COCO) -> dict[int, int]:
+        """contiguous class index -> the ground truth's category id."""
         id_map = self._metadata.get("thing_dataset_id_to_contiguous_id")
-        if not id_map:
-            return None
-        return {int(contiguous): int(original) for original, contiguous in id_map.items()}
+        if id_map:
+            return {int(contiguous): int(original) for original, contiguous in id_map.items()}
+        # not loaded through load_coco_json yet: contiguous ids follow the sorted json ids
+        return dict(enumerate(sorted(coco_gt.getCatIds())))
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
-        mapping = self._contiguous_to_dataset_id()
         for inp, out in zip(inputs, outputs):
             if "image_id" not in inp:
                 raise KeyError(
@@ -311,10 +301,9 @@ class COCOEvaluator(DatasetEvaluator):
                 )
             prediction: dict[str, Any] = {"image_id": inp["image_id"]}
             if "instances" in out:
+                # category ids stay contiguous here; evaluate() maps them to the dataset's ids
                 instances = out["instances"].to("cpu")
-                prediction["instances"] = instances_to_coco_json(
-                    instances, inp["image_id"], mapping
-                )
+                prediction["instances"] = instances_to_coco_json(instances, inp["image_id"])
             self._predictions.append(prediction)
 
     def evaluate(self, img_ids: Sequence[int] | None = None) -> dict | None:
@@ -353,7 +342,20 @@ class COCOEvaluator(DatasetEvaluator):
         return copy.deepcopy(results)
 
     def _eval_predictions(self, predictions: list[dict], img_ids: Sequence[int] | None) -> dict:
-        coco_results = list(itertools.chain(*[p.get("instances", []) for p in predictions]))
+        coco_gt = self._ground_truth()
+        to_dataset_id = self._contiguous_to_dataset_id(coco_gt)
+        coco_results = []
+        for p in predictions:
+            for result in p.get("instances", []):
+                label = result["category_id"]
+                if label not in to_dataset_id:
+                    raise ValueError(
+                        f"Image {result['image_id']}: predicted class {label} is not a class of "
+                        f"dataset {self._dataset_name!r} (contiguous ids 0.."
+                        f"{len(to_dataset_id) - 1}); the model's num_classes must match the "
+                        "dataset's thing_classes"
+                    )
+                coco_results.append({**result, "category_id": to_dataset_id[label]})
         if not coco_results:
             logger.warning(
                 "COCOEvaluator: the model made no predictions on %d images of %r; every AP is 0",
@@ -367,7 +369,6 @@ class COCOEvaluator(DatasetEvaluator):
                 f.write(json.dumps(coco_results))
                 f.flush()
 
-        coco_gt = self._ground_truth()
         known_images = set(coco_gt.getImgIds())
         unknown = {r["image_id"] for r in coco_results} - known_images
         if unknown:
