@@ -177,3 +177,8 @@ def test_workers_have_distinct_seeds():
     # both workers produce samples, and their numpy draws are not copies of each other
     assert len({round(d["draw"], 12) for d in draws}) == 8
     assert len({round(d["torch"], 12) for d in draws}) == 8
+
+
+def test_dataset_given_as_a_name_is_a_clear_error():
+    with pytest.raises(TypeError, match="get_detection_dataset_dicts"):
+        build_detection_test_loader("coco_2017_val", mapper=None)

@@ -356,6 +356,11 @@ class _ListBatches:
 
 
 def _as_dataset(dataset: Any, cache_mode: bool) -> Any:
+    if isinstance(dataset, (str, bytes)):
+        raise TypeError(
+            f"The loader's dataset is the string {dataset!r}; pass the records instead, e.g. "
+            f"dataset=L(get_detection_dataset_dicts)(names={dataset!r})"
+        )
     if isinstance(dataset, (list, tuple)):
         records = list(dataset)
         if cache_mode:
