@@ -1,0 +1,28 @@
+"""Generic layers: position embedding, MLP / FFN, box operations, deformable attention."""
+
+from .box_ops import (
+    box_area,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    inverse_sigmoid,
+    paired_generalized_box_iou,
+)
+from .mlp import FFN, MLP
+from .position_embedding import PositionEmbeddingSine
+from .shape_spec import ShapeSpec
+
+__all__ = [
+    "FFN",
+    "MLP",
+    "PositionEmbeddingSine",
+    "ShapeSpec",
+    "box_area",
+    "box_cxcywh_to_xyxy",
+    "box_iou",
+    "box_xyxy_to_cxcywh",
+    "generalized_box_iou",
+    "inverse_sigmoid",
+    "paired_generalized_box_iou",
+]

@@ -1,0 +1,119 @@
+"""Small fully connected blocks: the box-regression MLP and the transformer feed-forward branch."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """`num_layers` Linear layers with ReLU between them and none after the last.
+
+    The Linears live in `self.layers` (an nn.ModuleList), so a box head stored as `bbox_embed.0`
+    has keys `bbox_embed.0.layers.{0..num_layers-1}.{weight,bias}`.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MLP: num_layers must be >= 1; got {num_layers}")
+        in_dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        out_dims = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(in_dims, out_dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., input_dim) -> (..., output_dim)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_layers - 1:
+                x = F.relu(x)
+        return x
+
+
+def _make_activation(activation: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
+    """A fresh activation module: a copy of a given module, or the result of a factory."""
+    if activation is None:
+        return nn.ReLU(inplace=True)
+    if isinstance(activation, nn.Module):
+        return copy.deepcopy(activation)
+    if callable(activation):
+        module = activation()
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"FFN: the activation factory {activation!r} returned {type(module).__name__}, "
+                "expected an nn.Module"
+            )
+        return module
+    raise TypeError(
+        "FFN: activation must be an nn.Module, a callable returning one, or None (ReLU); got "
+        f"{type(activation).__name__}"
+    )
+
+
+class FFN(nn.Module):
+    """The feed-forward branch of a transformer layer, WITHOUT the residual connection.
+
+    Structure (keys in brackets, for num_fcs=2):
+
+        layers = Sequential(
+            Sequential(Linear(embed_dim, feedforward_dim) [layers.0.0], activation, Dropout),
+            Linear(feedforward_dim, output_dim)            [layers.1],
+            Dropout,
+        )
+
+    Each extra fc (num_fcs > 2) adds another `Sequential(Linear(ff, ff), activation, Dropout)`
+    before the last Linear. The caller adds the residual and applies the norm.
+
+    Args:
+        embed_dim: input features.
+        feedforward_dim: hidden features.
+        output_dim: output features (default `embed_dim`).
+        num_fcs: number of Linear layers, >= 2.
+        activation: an nn.Module (deep-copied for every hidden layer), a zero-argument callable
+            returning one (e.g. `nn.GELU`), or None for `nn.ReLU(inplace=True)`.
+        ffn_drop: dropout probability after every hidden activation and after the last Linear.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        feedforward_dim: int = 1024,
+        output_dim: int | None = None,
+        num_fcs: int = 2,
+        activation: nn.Module | Callable[[], nn.Module] | None = None,
+        ffn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_fcs < 2:
+            raise ValueError(f"FFN: num_fcs must be >= 2; got {num_fcs}")
+        if not 0.0 <= ffn_drop <= 1.0:
+            raise ValueError(f"FFN: ffn_drop must be in [0, 1]; got {ffn_drop}")
+        output_dim = embed_dim if output_dim is None else output_dim
+        self.embed_dim = embed_dim
+        self.feedforward_dim = feedforward_dim
+        self.output_dim = output_dim
+        self.num_fcs = num_fcs
+
+        blocks: list[nn.Module] = []
+        in_dim = embed_dim
+        for _ in range(num_fcs - 1):
+            blocks.append(
+                nn.Sequential(
+                    nn.Linear(in_dim, feedforward_dim),
+                    _make_activation(activation),
+                    nn.Dropout(ffn_drop),
+                )
+            )
+            in_dim = feedforward_dim
+        blocks.append(nn.Linear(feedforward_dim, output_dim))
+        blocks.append(nn.Dropout(ffn_drop))
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., embed_dim) -> (..., output_dim); the branch output only (no residual)."""
+        return self.layers(x)
