@@ -1,0 +1,54 @@
+"""The training engine: command line, process launching, per-process setup, the trainer, its
+hooks and the metric writers."""
+
+from .cli import default_argument_parser
+from .ema import ModelEMA
+from .events import (
+    CommonMetricPrinter,
+    EventStorage,
+    EventWriter,
+    JSONWriter,
+    TensorboardXWriter,
+    get_event_storage,
+)
+from .hooks import (
+    EMAHook,
+    EvalHook,
+    HookBase,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+)
+from .launch import LaunchError, launch
+from .optimizer import LRMultiplier, WarmupParamScheduler, get_default_optimizer_params
+from .setup import default_setup, default_writers
+from .trainer import Trainer, TrainerBase, create_ddp_model
+
+__all__ = [
+    "CommonMetricPrinter",
+    "EMAHook",
+    "EvalHook",
+    "EventStorage",
+    "EventWriter",
+    "HookBase",
+    "IterationTimer",
+    "JSONWriter",
+    "LRMultiplier",
+    "LRScheduler",
+    "LaunchError",
+    "ModelEMA",
+    "PeriodicCheckpointer",
+    "PeriodicWriter",
+    "TensorboardXWriter",
+    "Trainer",
+    "TrainerBase",
+    "WarmupParamScheduler",
+    "create_ddp_model",
+    "default_argument_parser",
+    "default_setup",
+    "default_writers",
+    "get_default_optimizer_params",
+    "get_event_storage",
+    "launch",
+]

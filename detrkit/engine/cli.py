@@ -1,0 +1,134 @@
+"""The command line shared by the tools: `--config-file`, `--resume`, `--eval-only`, process
+counts, `--dist-url` and trailing `key=value` config overrides."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["default_argument_parser", "default_dist_url"]
+
+
+def default_dist_url() -> str:
+    """`tcp://127.0.0.1:<port>` with a port derived from the user id, so that two users of one
+    machine do not collide by default (two jobs of one user need `--dist-url auto`)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    port = 40000 + (uid * 7919) % 20000
+    return f"tcp://127.0.0.1:{port}"
+
+
+def _epilog(prog: str) -> str:
+    return f"""
+Examples:
+
+Train on one machine with 8 GPUs (or 8 CPU processes where there is no CUDA):
+    $ {prog} --num-gpus 8 --config-file cfg.py
+
+Change config values from the command line (Hydra override grammar):
+    $ {prog} --config-file cfg.py train.max_iter=100 optimizer.lr=1e-4 train.device=cpu
+
+Evaluate a checkpoint:
+    $ {prog} --config-file cfg.py --eval-only train.init_checkpoint=/path/to/model.pth
+
+Resume an interrupted run from OUTPUT_DIR/last_checkpoint:
+    $ {prog} --config-file cfg.py --resume
+
+Train on two machines:
+    (machine0)$ {prog} --machine-rank 0 --num-machines 2 --dist-url tcp://<ip0>:<port> [flags]
+    (machine1)$ {prog} --machine-rank 1 --num-machines 2 --dist-url tcp://<ip0>:<port> [flags]
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the cross-argument checks of the launcher flags."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if (
+            hasattr(parsed, "machine_rank")
+            and hasattr(parsed, "num_machines")
+            and parsed.machine_rank >= parsed.num_machines
+        ):
+            self.error(
+                f"argument --machine-rank: {parsed.machine_rank} is not below "
+                f"--num-machines {parsed.num_machines}; accepted: 0 .. num_machines - 1"
+            )
+        for item in getattr(parsed, "opts", None) or []:
+            if item.startswith("-"):
+                # argparse.REMAINDER takes everything after the first override, flags included
+                self.error(
+                    f"argument {item!r} comes after the config overrides; put flags before the "
+                    "key=value overrides"
+                )
+        return parsed
+
+
+def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `tools/train_net.py` (and the other tools that train or evaluate)."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
+    parser = _Parser(
+        epilog=epilog if epilog is not None else _epilog(prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to a config file")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT_DIR/last_checkpoint (model, optimizer, iteration, scheduler, "
+        "grad scaler, EMA) when it exists; without it train.init_checkpoint gives the initial "
+        "weights and training starts at iteration 0",
+    )
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="load train.init_checkpoint (weights only) and evaluate",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=_positive_int,
+        default=1,
+        help="processes per machine: one per GPU, or CPU processes on the gloo backend when "
+        "there is no CUDA",
+    )
+    parser.add_argument("--num-machines", type=_positive_int, default=1, help="total machines")
+    parser.add_argument(
+        "--machine-rank",
+        type=_non_negative_int,
+        default=0,
+        help="the rank of this machine (unique per machine)",
+    )
+    parser.add_argument(
+        "--dist-url",
+        default=default_dist_url(),
+        help="initialization URL for the process group: tcp://<machine0 ip>:<port>, or 'auto' "
+        "for a free port (one machine only). Under torchrun or SLURM the environment wins.",
+    )
+    parser.add_argument(
+        "opts",
+        help="config overrides at the end of the command: key=value pairs in Hydra's grammar, "
+        "e.g. train.max_iter=100 optimizer.lr=1e-4",
+        default=None,
+        nargs=argparse.REMAINDER,
+    )
+    return parser

@@ -1,0 +1,160 @@
+"""EventStorage and the metric writers (console line, metrics.json)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from detrkit.engine import CommonMetricPrinter, EventStorage, JSONWriter, get_event_storage
+from detrkit.engine.events import EventWriter
+from detrkit.engine.setup import default_writers
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def capture_logs(name: str, level: int = logging.DEBUG):
+    """The records logged to logger `name` inside the block (whatever its propagation)."""
+    handler = _ListHandler()
+    logger = logging.getLogger(name)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def test_storage_records_and_smooths():
+    values = [random.uniform(0, 10) for _ in range(30)]
+    with EventStorage(start_iter=0) as storage:
+        assert get_event_storage() is storage
+        for i, v in enumerate(values):
+            storage.iter = i
+            storage.put_scalar("loss", torch.tensor(v))
+            storage.put_scalar("lr", v / 100, smoothing_hint=False)
+        latest = storage.latest_with_smoothing_hint(window_size=20)
+        # losses: median over the window; lr: the latest value as is
+        assert latest["loss"][0] == pytest.approx(float(np.median(values[-20:])))
+        assert latest["loss"][1] == 29
+        assert latest["lr"] == (pytest.approx(values[-1] / 100), 29)
+        assert storage.history("loss").latest() == pytest.approx(values[-1])
+        assert storage.smoothing_hints() == {"loss": True, "lr": False}
+        with pytest.raises(KeyError, match="nope"):
+            storage.history("nope")
+        with pytest.raises(ValueError, match="smoothing_hint"):
+            storage.put_scalar("lr", 1.0, smoothing_hint=True)
+        with storage.name_scope("val"):
+            storage.put_scalars(acc=0.5, smoothing_hint=False)
+        assert "val/acc" in storage.latest()
+
+
+def test_get_event_storage_outside_a_block():
+    with pytest.raises(AssertionError, match="EventStorage"):
+        get_event_storage()
+
+
+def test_json_writer_one_object_per_iteration(tmp_path):
+    path = tmp_path / "metrics.json"
+    writer = JSONWriter(str(path), window_size=1)
+    with EventStorage() as storage:
+        for i in range(4):
+            storage.iter = i
+            storage.put_scalars(total_loss=1.0 + i, loss_a=0.5 + i)
+            storage.put_scalar("lr", 0.1 * (i + 1), smoothing_hint=False)
+            if i % 2 == 1:
+                writer.write()
+        # evaluation results put later at an already-written iteration still get written
+        storage.put_scalars(
+            **{"bbox/AP": 40.5, "bbox/AP-cat": 12.0}, smoothing_hint=False, cur_iter=3
+        )
+        writer.write()
+        writer.write()  # nothing new: no new lines
+    writer.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [1, 3, 3]
+    assert lines[0] == {"iteration": 1, "total_loss": 2.0, "loss_a": 1.5, "lr": pytest.approx(0.2)}
+    assert lines[2] == {"iteration": 3, "bbox/AP": 40.5, "bbox/AP-cat": 12.0}
+
+
+def test_console_line_format():
+    """`eta: H:MM:SS  iter: N  total_loss: ...  loss_x: ...  time: ...  data_time: ...  lr: ...`
+
+    total_loss first, then the other losses in the order they were first recorded (the trainer
+    records them sorted by name)."""
+    losses = [random.uniform(1, 2) for _ in range(80)]
+    times = [random.uniform(0.1, 0.2) for _ in range(80)]
+    printer = CommonMetricPrinter(max_iter=1000, window_size=20)
+    with EventStorage() as storage:
+        for i in range(80):
+            storage.iter = i
+            storage.put_scalars(
+                total_loss=losses[i] * 3, loss_class=losses[i], loss_bbox=losses[i] * 2
+            )
+            storage.put_scalars(time=times[i], data_time=times[i] / 10)
+            storage.put_scalar("lr", 1e-4, smoothing_hint=False)
+        with capture_logs("detrkit.engine") as records:
+            printer.write()
+        eta = storage.latest()["eta_seconds"][0]
+    record = [r for r in records if r.name == "detrkit.engine"][-1]
+    line = record.getMessage()
+    pattern = (
+        r"eta: (\d+):(\d\d):(\d\d)  iter: 79  total_loss: (\S+)  loss_class: (\S+)  "
+        r"loss_bbox: (\S+)  time: (\S+)  data_time: (\S+)  lr: 0\.0001"
+    )
+    match = re.fullmatch(pattern, line)
+    assert match, line
+    assert "max_mem" not in line  # CPU only
+    h, m, s = (int(x) for x in match.groups()[:3])
+    # eta = median iteration time x remaining iterations
+    expected_eta = np.median(times) * (1000 - 79 - 1)
+    assert abs(h * 3600 + m * 60 + s - int(expected_eta)) <= 1
+    assert eta == pytest.approx(expected_eta)
+    assert float(match.group(4)) == pytest.approx(np.median(np.array(losses[-20:]) * 3), rel=1e-3)
+    assert float(match.group(5)) == pytest.approx(np.median(losses[-20:]), rel=1e-3)
+    assert float(match.group(6)) == pytest.approx(np.median(np.array(losses[-20:]) * 2), rel=1e-3)
+    assert float(match.group(7)) == pytest.approx(np.mean(times[-20:]), rel=1e-3)
+
+
+def test_printer_skips_the_write_after_training():
+    printer = CommonMetricPrinter(max_iter=10)
+    with EventStorage() as storage, capture_logs("detrkit.engine") as records:
+        storage.iter = 10
+        storage.put_scalar("total_loss", 1.0)
+        printer.write()
+    assert not [r for r in records if r.name == "detrkit.engine"]
+
+
+def test_default_writers_without_tensorboard(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        has_tb = True
+    except ImportError:
+        has_tb = False
+    with capture_logs("detrkit.engine.setup") as records:
+        writers = default_writers(str(tmp_path), max_iter=100)
+    assert all(isinstance(w, EventWriter) for w in writers)
+    assert isinstance(writers[0], CommonMetricPrinter)  # first: it puts eta_seconds
+    assert isinstance(writers[1], JSONWriter)
+    assert len(writers) == (3 if has_tb else 2)
+    if not has_tb:
+        assert any("tensorboard" in r.getMessage() for r in records)
+    for w in writers:
+        w.close()

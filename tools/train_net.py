@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Train or evaluate a model described by a lazy config (detrex's tools/train_net.py).
+
+    python tools/train_net.py --config-file CFG.py [--resume] [--eval-only] [--num-gpus N]
+        [--num-machines M] [--machine-rank R] [--dist-url URL] [key=value ...]
+
+Training registers, in order: IterationTimer, EMAHook (train.model_ema.enabled), LRScheduler,
+PeriodicCheckpointer (rank 0), EvalHook (when the config has dataloader.test and
+dataloader.evaluator), PeriodicWriter (rank 0). `train.device="cuda"` on a machine without CUDA
+trains on the CPU (with a warning), so GPU configs also run on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from detrkit.checkpoint import DetectionCheckpointer
+from detrkit.config import LazyConfig, instantiate
+from detrkit.engine import (
+    EMAHook,
+    EvalHook,
+    IterationTimer,
+    LaunchError,
+    LRScheduler,
+    ModelEMA,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+    Trainer,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    launch,
+)
+from detrkit.engine.launch import check_launch_args
+from detrkit.evaluation import inference_on_dataset, print_csv_format
+from detrkit.utils import comm
+
+logger = logging.getLogger("detrkit.train_net")
+
+# fast_dev_run: a short run through every hook (detrex's values)
+FAST_DEV_RUN = {"max_iter": 20, "eval_period": 10, "log_period": 1}
+
+
+def load_config(args) -> Any:
+    """The config file with the command-line overrides applied."""
+    cfg = LazyConfig.load(args.config_file)
+    return LazyConfig.apply_overrides(cfg, args.opts or [])
+
+
+def check_config(cfg: Any, args) -> None:
+    """Raise ValueError naming the config file and the missing key that the run needs."""
+    required = ["model", "train"]
+    if args.eval_only:
+        required += ["dataloader.test", "dataloader.evaluator"]
+    else:
+        required += ["dataloader.train", "optimizer", "lr_multiplier"]
+    for key in required:
+        node = cfg
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                what = "--eval-only" if args.eval_only else "training"
+                raise ValueError(
+                    f"config file {args.config_file} has no key '{key}', which {what} needs"
+                )
+            node = node[part]
+
+
+def resolve_device(cfg: Any) -> torch.device:
+    """`train.device`, falling back to the CPU (with a warning) when CUDA is not available.
+
+    The fallback is written back into `cfg.train.device`, so that config values interpolated
+    from it (`model.device = "${..train.device}"`) follow.
+    """
+    device = str(cfg.train.get("device", "cuda") or "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("train.device=%s but CUDA is not available: using the CPU", device)
+        device = "cpu"
+    cfg.train.device = device
+    if device == "cuda" and comm.get_world_size() > 1:
+        # launch() set this process's GPU; name it so that nothing lands on cuda:0
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def build_ema(cfg: Any, model: torch.nn.Module) -> ModelEMA | None:
+    ema_cfg = cfg.train.get("model_ema", None)
+    if not ema_cfg or not ema_cfg.get("enabled", False):
+        return None
+    return ModelEMA(model, decay=ema_cfg.get("decay", 0.999), device=ema_cfg.get("device", ""))
+
+
+def do_test(cfg: Any, model: torch.nn.Module, ema: ModelEMA | None = None) -> dict:
+    """Evaluate on `dataloader.test` with `dataloader.evaluator`; with `ema`, evaluate the
+    averaged weights too and report them under `<task>_ema` (e.g. `bbox_ema/AP`)."""
+    if "test" not in cfg.dataloader or "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    if ema is not None:
+        logger.info("Evaluating the EMA weights")
+        with ema.apply_to():
+            ema_results = inference_on_dataset(
+                model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+            )
+        ema_results = {f"{task}_ema": value for task, value in ema_results.items()}
+        print_csv_format(ema_results)
+        results = {**results, **ema_results}
+    return results
+
+
+def do_train(args, cfg: Any, device: torch.device) -> None:
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(device)
+    ema = build_ema(cfg, model)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    ddp_cfg = dict(cfg.train.get("ddp", {}))
+    model = create_ddp_model(model, **ddp_cfg)
+    amp_cfg = cfg.train.get("amp", {})
+    clip_cfg = cfg.train.get("clip_grad", {})
+    trainer = Trainer(
+        model,
+        train_loader,
+        optimizer,
+        amp=bool(amp_cfg.get("enabled", False)),
+        amp_dtype=amp_cfg.get("dtype", None),
+        clip_grad_params=dict(clip_cfg.params) if clip_cfg.get("enabled", False) else None,
+    )
+    checkpointables = {"trainer": trainer}
+    if ema is not None:
+        checkpointables["ema_state"] = ema
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, **checkpointables)
+
+    has_eval = "test" in cfg.dataloader and "evaluator" in cfg.dataloader
+    trainer.register_hooks(
+        [
+            IterationTimer(),
+            EMAHook(ema) if ema is not None else None,
+            LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema)) if has_eval else None,
+            PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        # the checkpoint holds the last completed iteration
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def do_eval_only(cfg: Any, device: torch.device) -> dict:
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(device)
+    ema_cfg = cfg.train.get("model_ema", {})
+    use_ema = bool(ema_cfg.get("enabled", False)) and bool(
+        ema_cfg.get("use_ema_weights_for_eval_only", False)
+    )
+    ema = build_ema(cfg, model) if use_ema else None
+    checkpointables = {"ema_state": ema} if ema is not None else {}
+    DetectionCheckpointer(model, **checkpointables).load(cfg.train.init_checkpoint)
+    if ema is not None:
+        if not ema.has_state:
+            raise ValueError(
+                f"train.model_ema.use_ema_weights_for_eval_only=True but "
+                f"{cfg.train.init_checkpoint or '(no train.init_checkpoint)'} has no 'ema_state'; "
+                "set it to False to evaluate the plain weights"
+            )
+        logger.info("Evaluating with the EMA weights of %s", cfg.train.init_checkpoint)
+        ema.copy_to_model()
+    model = create_ddp_model(model)
+    return do_test(cfg, model)
+
+
+def main(args) -> dict | None:
+    cfg = load_config(args)
+    if cfg.train.get("fast_dev_run", {}).get("enabled", False):
+        for key, value in FAST_DEV_RUN.items():
+            cfg.train[key] = value
+    default_setup(cfg, args)
+    device = resolve_device(cfg)
+
+    if args.eval_only:
+        return do_eval_only(cfg, device)
+    do_train(args, cfg, device)
+    return None
+
+
+def _exit_with_error(message: str, code: int = 2) -> None:
+    prog = os.path.basename(sys.argv[0]) if sys.argv else "train_net.py"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_args(args) -> None:
+    """Check the command line and the config before any process starts, so that a user error
+    is one line on stderr (exit code 2) instead of a traceback from every rank."""
+    from detrkit.config import ConfigError
+
+    if not args.config_file:
+        _exit_with_error("the following argument is required: --config-file FILE")
+    try:
+        check_launch_args(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+        cfg = load_config(args)
+        check_config(cfg, args)
+    except (ConfigError, ValueError) as e:
+        _exit_with_error(str(e))
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    check_args(args)
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except LaunchError as e:
+        _exit_with_error(str(e), code=1)
