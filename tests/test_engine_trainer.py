@@ -367,3 +367,29 @@ def test_hooks_must_be_hooks():
         trainer.register_hooks([object()])
     trainer.register_hooks([None])  # None entries (hooks of other ranks) are skipped
     assert trainer._hooks == []
+
+
+def test_grad_scaler_path_unscales_before_clipping_and_is_checkpointed():
+    """The float16 (CUDA) path, run on the CPU with a CPU GradScaler: gradients are unscaled
+    before clipping, and the scaler's state goes into the trainer's state dict."""
+    trainer = make_trainer(clip_grad_params={"max_norm": 1e-3})
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    norms = []
+    original_step = trainer.optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = step_and_record
+    trainer.train(0, 5)
+    # clipped in true (unscaled) units: a clip before unscaling would leave norm / scale
+    assert norms and max(norms) == pytest.approx(1e-3, rel=1e-4)
+    state = trainer.state_dict()
+    assert state["grad_scaler"]["scale"] == 2.0**12  # grew twice (every 2 good steps)
+
+    other = make_trainer(clip_grad_params={"max_norm": 1e-3})
+    other.grad_scaler = torch.amp.GradScaler("cpu")
+    other.load_state_dict(copy.deepcopy(state))
+    assert other.grad_scaler.get_scale() == 2.0**12

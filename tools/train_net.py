@@ -117,6 +117,8 @@ def do_test(cfg: Any, model: torch.nn.Module, ema: ModelEMA | None = None) -> di
 
 
 def do_train(args, cfg: Any, device: torch.device) -> None:
+    if cfg.train.get("wandb", {}).get("enabled", False):
+        logger.warning("train.wandb.enabled=True is not supported by detrkit: not logging to wandb")
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(device)
