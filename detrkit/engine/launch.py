@@ -153,7 +153,7 @@ def launch(
 
     if dist_url in (None, "auto"):
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    if num_machines > 1 and dist_url.startswith("file://") is False:
+    if num_machines > 1 and not dist_url.startswith("file://"):
         host = urlparse(dist_url).hostname
         if host in ("127.0.0.1", "localhost"):
             logger.warning(
