@@ -1,0 +1,1 @@
+"""Deformable DETR (Zhu et al., ICLR 2021): all five variants of the paper."""

@@ -1,0 +1,379 @@
+"""Deformable DETR: backbone -> neck -> deformable transformer -> class and box heads.
+
+`DeformableDETR.forward` takes detectron2-style inputs (a list of dicts with a uint8 CHW RGB
+`image`, optional `height`/`width`, and `instances` in training) and returns a dict of weighted
+losses in training, or `[{"instances": Instances(pred_boxes, scores, pred_classes)}]` in eval.
+
+Variants: single scale (one level), single scale DC5, multi-scale, + iterative box refinement
+(`with_box_refine`), ++ two-stage (`as_two_stage`); see MODEL.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from detrkit.layers import MLP, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from detrkit.structures import Boxes, ImageList, Instances
+from detrkit.utils.logger import log_first_n
+
+logger = logging.getLogger(__name__)
+
+
+class DeformableDETR(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        position_embedding: nn.Module,
+        neck: nn.Module,
+        transformer: nn.Module,
+        embed_dim: int,
+        num_classes: int,
+        num_queries: int,
+        criterion: nn.Module,
+        pixel_mean: tuple[float, float, float] = (123.675, 116.280, 103.530),
+        pixel_std: tuple[float, float, float] = (58.395, 57.120, 57.375),
+        aux_loss: bool = True,
+        with_box_refine: bool = False,
+        as_two_stage: bool = False,
+        select_box_nums_for_evaluation: int = 300,
+        batch_invariant_eval: bool = True,
+        device: str = "cuda",
+    ) -> None:
+        """
+        Args:
+            backbone: returns a dict of feature maps (e.g. res3..res5).
+            position_embedding: sine embedding of a padding mask, (N, H, W) -> (N, C, H, W).
+            neck: maps the backbone dict to a list of `transformer.num_feature_levels` maps.
+            num_classes: foreground classes; the class heads have this many sigmoid outputs.
+            num_queries: decoder queries (two-stage: the number of encoder proposals kept).
+            select_box_nums_for_evaluation: detections per image in eval (top-k over
+                queries x classes; clamped to that product).
+            batch_invariant_eval: in eval, run the backbone and neck image by image, so a
+                result never depends on which other images share the batch (padding would
+                otherwise leak into convolutions and GroupNorm statistics).
+            device: accepted for detrex config compatibility; placement is done by the caller
+                (`model.to(cfg.train.device)`).
+        """
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"DeformableDETR: num_classes must be >= 1, got {num_classes}")
+        if as_two_stage and not with_box_refine:
+            logger.warning(
+                "DeformableDETR: as_two_stage=True without with_box_refine is not one of the "
+                "paper's variants (two-stage is evaluated with box refinement)"
+            )
+        self.backbone = backbone
+        self.position_embedding = position_embedding
+        self.neck = neck
+        self.transformer = transformer
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.criterion = criterion
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.as_two_stage = as_two_stage
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.batch_invariant_eval = batch_invariant_eval
+
+        if as_two_stage != transformer.as_two_stage:
+            raise ValueError(
+                f"DeformableDETR: as_two_stage={as_two_stage} but the transformer has "
+                f"as_two_stage={transformer.as_two_stage}; set both (the bundled configs "
+                "interpolate model.transformer.as_two_stage from model.as_two_stage)"
+            )
+        if not as_two_stage:
+            self.query_embedding = nn.Embedding(num_queries, embed_dim * 2)
+
+        # pixel statistics are not part of the state dict (detrex checkpoints do not carry them)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+        self._build_heads(num_classes, embed_dim)
+
+    def _build_heads(self, num_classes: int, embed_dim: int) -> None:
+        """One class head and one box head per decoder layer (+1 for two-stage proposals).
+
+        Without refinement all layers share one head pair; with it each layer has its own copy,
+        and the decoder uses the box heads to refine its reference boxes.
+        """
+        class_embed = nn.Linear(embed_dim, num_classes)
+        bbox_embed = MLP(embed_dim, embed_dim, 4, 3)
+        prior_prob = 0.01
+        nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0.0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0.0)
+
+        decoder = self.transformer.decoder
+        num_pred = decoder.num_layers + 1 if self.as_two_stage else decoder.num_layers
+        if self.with_box_refine:
+            self.class_embed = nn.ModuleList([copy.deepcopy(class_embed) for _ in range(num_pred)])
+            self.bbox_embed = nn.ModuleList([copy.deepcopy(bbox_embed) for _ in range(num_pred)])
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList([class_embed for _ in range(num_pred)])
+            self.bbox_embed = nn.ModuleList([bbox_embed for _ in range(num_pred)])
+            decoder.bbox_embed = None
+        if self.as_two_stage:
+            decoder.class_embed = self.class_embed
+            for box_head in self.bbox_embed:
+                nn.init.constant_(box_head.layers[-1].bias[2:], 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
+        """Normalize each image, then pad them into one batch with a padding mask."""
+        images = []
+        for i, record in enumerate(batched_inputs):
+            image = record.get("image") if isinstance(record, dict) else record
+            if not isinstance(image, torch.Tensor):
+                raise TypeError(
+                    f"DeformableDETR: input {i} must be a dict with an 'image' tensor "
+                    f"(uint8, 3 x H x W, RGB); got {type(image).__name__}"
+                )
+            if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+                raise ValueError(
+                    f"DeformableDETR: input {i} 'image' must have shape (3, H, W) with RGB "
+                    f"channels first; got {tuple(image.shape)}"
+                )
+            if image.dtype != torch.uint8 and not image.is_floating_point():
+                raise TypeError(
+                    f"DeformableDETR: input {i} 'image' must be uint8 (0..255) or a float tensor "
+                    f"on the same 0..255 scale; got {image.dtype}"
+                )
+            image = image.to(self.device, non_blocking=True).float()
+            images.append((image - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images)
+
+    def prepare_targets(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Ground truth as the criterion wants it: labels and normalized cxcywh boxes."""
+        targets = []
+        for i, record in enumerate(batched_inputs):
+            if "instances" not in record:
+                raise KeyError(
+                    f"DeformableDETR: training input {i} has no 'instances' "
+                    "(Instances with gt_boxes and gt_classes); an image without objects needs an "
+                    "empty Instances, not a missing key"
+                )
+            instances = record["instances"]
+            height, width = instances.image_size
+            if len(instances.get_fields()) == 0:  # empty Instances: a valid negative image
+                boxes = torch.zeros((0, 4), device=self.device)
+                labels = torch.zeros((0,), dtype=torch.long, device=self.device)
+            else:
+                boxes = instances.gt_boxes.tensor.to(self.device, torch.float32)
+                labels = instances.gt_classes.to(self.device, torch.long)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                bad = labels[(labels < 0) | (labels >= self.num_classes)].unique().tolist()
+                raise ValueError(
+                    f"DeformableDETR: training input {i} has class ids {bad}; accepted ids are "
+                    f"0..{self.num_classes - 1} (model.num_classes={self.num_classes})"
+                )
+            if boxes.numel():
+                if not torch.isfinite(boxes).all():
+                    raise ValueError(f"DeformableDETR: training input {i} has non-finite gt_boxes")
+                if (boxes[:, 2:] < boxes[:, :2]).any():
+                    raise ValueError(
+                        f"DeformableDETR: training input {i} has gt_boxes with x1 < x0 or y1 < y0; "
+                        "boxes must be XYXY_ABS in the augmented image"
+                    )
+                outside = (boxes[:, :2] < 0).any() or (boxes[:, 2] > width).any()
+                if outside or (boxes[:, 3] > height).any():
+                    log_first_n(
+                        logging.WARNING,
+                        "DeformableDETR: gt_boxes reach outside their image; clipping them to the "
+                        "image (this warning is shown once)",
+                        name=__name__,
+                    )
+                    boxes = Boxes(boxes.clone())
+                    boxes.clip((height, width))
+                    boxes = boxes.tensor
+            scale = boxes.new_tensor([width, height, width, height])
+            targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(boxes / scale)})
+        return targets
+
+    # ------------------------------------------------------------------ features
+    def _features_and_masks(
+        self, images: ImageList
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Feature maps of every level and their padding masks (True on padding)."""
+        if self.training or not self.batch_invariant_eval or len(images) == 1:
+            features = self.neck(self.backbone(images.tensor))
+            # official: nearest-neighbour resize of the image padding mask to each level
+            masks = [
+                F.interpolate(images.mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0]
+                for f in features
+            ]
+            return features, masks
+
+        # Batch-invariant eval: each image alone through backbone and neck (no padding can leak
+        # into convolutions or GroupNorm statistics), then zero-padded into one batch per level.
+        per_image = [self.neck(self.backbone(images[i][None])) for i in range(len(images))]
+        features, masks = [], []
+        for level in range(len(per_image[0])):
+            maps = [p[level][0] for p in per_image]
+            height = max(m.shape[-2] for m in maps)
+            width = max(m.shape[-1] for m in maps)
+            batch = maps[0].new_zeros((len(maps), maps[0].shape[0], height, width))
+            mask = torch.ones((len(maps), height, width), dtype=torch.bool, device=batch.device)
+            for i, m in enumerate(maps):
+                batch[i, :, : m.shape[-2], : m.shape[-1]] = m
+                mask[i, : m.shape[-2], : m.shape[-1]] = False
+            features.append(batch)
+            masks.append(mask)
+        return features, masks
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: list[dict]):
+        images = self.preprocess_image(batched_inputs)
+        features, masks = self._features_and_masks(images)
+
+        if self.training:
+            output = self.predict(features, masks)
+            targets = self.prepare_targets(batched_inputs)
+            loss_dict = self.criterion(output, targets)
+            return weight_losses(loss_dict, self.criterion.weight_dict)
+
+        if self._needs_per_image_decoding(masks):
+            results = []
+            for i, image_size in enumerate(images.image_sizes):
+                image_features, image_masks = _crop_to_valid(features, masks, i)
+                output = self.predict(image_features, image_masks)
+                results += self.inference(output["pred_logits"], output["pred_boxes"], [image_size])
+        else:
+            output = self.predict(features, masks)
+            results = self.inference(
+                output["pred_logits"], output["pred_boxes"], images.image_sizes
+            )
+
+        processed = []
+        for result, record, image_size in zip(results, batched_inputs, images.image_sizes):
+            height = record.get("height", image_size[0])
+            width = record.get("width", image_size[1])
+            processed.append({"instances": rescale_instances(result, height, width)})
+        return processed
+
+    def predict(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> dict:
+        """Transformer and heads: class logits and normalized cxcywh boxes of the last decoder
+        layer, plus `aux_outputs` (earlier layers) and `enc_outputs` (two-stage proposals)."""
+        pos_embeds = [self.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
+        query_embed = None if self.as_two_stage else self.query_embedding.weight
+        states, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
+            features, masks, pos_embeds, query_embed
+        )
+
+        # predictions of every decoder layer, each relative to the reference it started from
+        outputs_classes, outputs_coords = [], []
+        for lvl in range(states.shape[0]):
+            reference = init_reference if lvl == 0 else inter_references[lvl - 1]
+            reference = inverse_sigmoid(reference)
+            outputs_class = self.class_embed[lvl](states[lvl])
+            delta = self.bbox_embed[lvl](states[lvl])
+            if reference.shape[-1] == 4:
+                coord = delta + reference
+            else:
+                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            outputs_classes.append(outputs_class)
+            outputs_coords.append(coord.sigmoid())
+        outputs_class = torch.stack(outputs_classes)  # (layers, N, Q, num_classes)
+        outputs_coord = torch.stack(outputs_coords)  # (layers, N, Q, 4) normalized cxcywh
+
+        output = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            output["aux_outputs"] = [
+                {"pred_logits": c, "pred_boxes": b}
+                for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
+            ]
+        if self.as_two_stage:
+            output["enc_outputs"] = {
+                "pred_logits": enc_class,
+                "pred_boxes": enc_coord_unact.sigmoid(),
+            }
+        return output
+
+    def _needs_per_image_decoding(self, masks: list[torch.Tensor]) -> bool:
+        """Two-stage decoding of a padded batch equals image-by-image decoding only while every
+        image has at least `two_stage_num_proposals` valid tokens; otherwise padded tokens
+        would become extra queries. Small images in a batch are then decoded one by one."""
+        if not (self.as_two_stage and self.batch_invariant_eval) or masks[0].shape[0] == 1:
+            return False
+        valid_tokens = sum((~m).flatten(1).sum(1) for m in masks)
+        return bool((valid_tokens < self.transformer.two_stage_num_proposals).any())
+
+    def inference(
+        self,
+        logits: torch.Tensor,  # (N, Q, num_classes)
+        boxes: torch.Tensor,  # (N, Q, 4) normalized cxcywh
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Instances]:
+        """Top-k (query, class) pairs per image; boxes in the network-input pixels."""
+        batch, num_queries, num_classes = logits.shape
+        k = min(self.select_box_nums_for_evaluation, num_queries * num_classes)
+        prob = logits.sigmoid()
+        scores, topk_index = torch.topk(prob.view(batch, -1), k, dim=1)
+        query_index = torch.div(topk_index, num_classes, rounding_mode="floor")
+        labels = topk_index % num_classes
+        boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
+        boxes = box_cxcywh_to_xyxy(boxes)
+
+        results = []
+        for i, (height, width) in enumerate(image_sizes):
+            scale = boxes.new_tensor([width, height, width, height])
+            result = Instances((height, width))
+            result.pred_boxes = Boxes(boxes[i] * scale)
+            result.scores = scores[i]
+            result.pred_classes = labels[i]
+            results.append(result)
+        return results
+
+
+def _crop_to_valid(
+    features: list[torch.Tensor], masks: list[torch.Tensor], index: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The `index`-th image's feature maps without their padding, as a batch of one."""
+    cropped_features, cropped_masks = [], []
+    for feature, mask in zip(features, masks):
+        valid = ~mask[index]
+        height, width = int(valid[:, 0].sum()), int(valid[0, :].sum())
+        cropped_features.append(feature[index : index + 1, :, :height, :width])
+        cropped_masks.append(mask[index : index + 1, :height, :width])
+    return cropped_features, cropped_masks
+
+
+def weight_losses(
+    loss_dict: dict[str, torch.Tensor], weight_dict: dict[str, float]
+) -> dict[str, torch.Tensor]:
+    """Multiply each loss by its weight. A per-layer loss (`loss_bbox_3`, `loss_class_enc`)
+    takes its own entry when `weight_dict` has one, else the weight of its base name; losses
+    with neither are left out of the total."""
+    weighted = {}
+    for name, value in loss_dict.items():
+        weight = weight_dict.get(name)
+        if weight is None:
+            weight = weight_dict.get(re.sub(r"_(\d+|enc)$", "", name))
+        if weight is not None:
+            weighted[name] = value * weight
+    return weighted
+
+
+def rescale_instances(result: Instances, output_height: int, output_width: int) -> Instances:
+    """Scale predicted boxes from the network input size to the original image size and clip."""
+    input_height, input_width = result.image_size
+    scaled = Instances((int(output_height), int(output_width)), **result.get_fields())
+    boxes = scaled.pred_boxes.clone()
+    boxes.scale(output_width / input_width, output_height / input_height)
+    boxes.clip(scaled.image_size)
+    scaled.pred_boxes = boxes
+    return scaled

@@ -1,0 +1,469 @@
+"""The deformable transformer of Deformable DETR: encoder, decoder, and two-stage proposals.
+
+Shapes use N = batch, S = total tokens over all levels, Q = queries, C = embed_dim, L = levels.
+Module attribute names (`attentions`, `ffns`, `norms`, `level_embeds`, ...) are detrex's, so that
+state dicts carry detrex key names; the forward methods spell out the official computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from detrkit.layers import FFN, MultiScaleDeformableAttention, inverse_sigmoid
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm encoder layer: deformable self-attention over all levels, then an FFN."""
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        feedforward_dim: int = 1024,
+        attn_dropout: float = 0.1,
+        ffn_dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList(
+            [
+                MultiScaleDeformableAttention(
+                    embed_dim=embed_dim,
+                    num_heads=num_heads,
+                    num_levels=num_feature_levels,
+                    num_points=num_points,
+                    dropout=attn_dropout,
+                    batch_first=True,
+                )
+            ]
+        )
+        self.ffns = nn.ModuleList([FFN(embed_dim, feedforward_dim, ffn_drop=ffn_dropout)])
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)])
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (N, S, C)
+        pos: torch.Tensor,  # (N, S, C) sine + level embedding
+        reference_points: torch.Tensor,  # (N, S, L, 2)
+        spatial_shapes: torch.Tensor,  # (L, 2)
+        level_start_index: torch.Tensor,  # (L,)
+        padding_mask: torch.Tensor,  # (N, S), True on padding
+    ) -> torch.Tensor:
+        # the attention module returns x + dropout(attention(x + pos))
+        x = self.attentions[0](
+            query=x,
+            value=x,
+            query_pos=pos,
+            key_padding_mask=padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+        )
+        x = self.norms[0](x)
+        x = self.norms[1](x + self.ffns[0](x))
+        return x
+
+
+class DeformableDetrTransformerEncoder(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        feedforward_dim: int = 1024,
+        attn_dropout: float = 0.1,
+        ffn_dropout: float = 0.1,
+        num_layers: int = 6,
+        num_feature_levels: int = 4,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            [
+                DeformableEncoderLayer(
+                    embed_dim,
+                    num_heads,
+                    feedforward_dim,
+                    attn_dropout,
+                    ffn_dropout,
+                    num_feature_levels,
+                    num_points,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    @staticmethod
+    def get_reference_points(
+        spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """Pixel centres of every level, normalized to the valid (unpadded) part of their own
+        level, then expressed in every level's coordinates: (N, S, L, 2) as (x, y)."""
+        per_level = []
+        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
+                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * height)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * width)
+            per_level.append(torch.stack((ref_x, ref_y), -1))  # (N, H*W, 2)
+        reference_points = torch.cat(per_level, 1)  # (N, S, 2)
+        return reference_points[:, :, None] * valid_ratios[:, None]  # (N, S, L, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, x.device)
+        for layer in self.layers:
+            x = layer(x, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention between queries (detrex's `attentions.0` with its `.attn`).
+
+    Query and key get the positional embedding, the value does not; returns the residual sum.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=attn_drop, batch_first=True)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        q = k = query + query_pos
+        out = self.attn(q, k, query, need_weights=False)[0]
+        return query + self.proj_drop(out)
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention, deformable cross-attention, FFN.
+
+    Norm names follow detrex: norms.0 after self-attention, norms.1 after cross-attention.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        feedforward_dim: int = 1024,
+        attn_dropout: float = 0.1,
+        ffn_dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList(
+            [
+                SelfAttention(embed_dim, num_heads, attn_drop=attn_dropout, proj_drop=attn_dropout),
+                MultiScaleDeformableAttention(
+                    embed_dim=embed_dim,
+                    num_heads=num_heads,
+                    num_levels=num_feature_levels,
+                    num_points=num_points,
+                    dropout=attn_dropout,
+                    batch_first=True,
+                ),
+            ]
+        )
+        self.ffns = nn.ModuleList([FFN(embed_dim, feedforward_dim, ffn_drop=ffn_dropout)])
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
+
+    def forward(
+        self,
+        query: torch.Tensor,  # (N, Q, C)
+        query_pos: torch.Tensor,  # (N, Q, C)
+        reference_points: torch.Tensor,  # (N, Q, L, 2 or 4), already scaled by valid ratios
+        memory: torch.Tensor,  # (N, S, C)
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        memory_padding_mask: torch.Tensor,  # (N, S)
+    ) -> torch.Tensor:
+        query = self.norms[0](self.attentions[0](query, query_pos))
+        query = self.attentions[1](
+            query=query,
+            value=memory,
+            query_pos=query_pos,
+            key_padding_mask=memory_padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+        )
+        query = self.norms[1](query)
+        query = self.norms[2](query + self.ffns[0](query))
+        return query
+
+
+class DeformableDetrTransformerDecoder(nn.Module):
+    """Stack of decoder layers returning every layer's output and reference points.
+
+    With iterative box refinement the model assigns `bbox_embed` (one head per layer); each
+    layer's prediction then becomes the next layer's (detached) reference box. In two-stage mode
+    the model also assigns `class_embed`, whose extra last head scores encoder proposals.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        feedforward_dim: int = 1024,
+        attn_dropout: float = 0.1,
+        ffn_dropout: float = 0.1,
+        num_layers: int = 6,
+        return_intermediate: bool = True,
+        num_feature_levels: int = 4,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        if not return_intermediate:
+            raise ValueError(
+                "DeformableDetrTransformerDecoder: return_intermediate=False is not supported; "
+                "Deformable DETR needs every layer's output for its auxiliary losses"
+            )
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            [
+                DeformableDecoderLayer(
+                    embed_dim,
+                    num_heads,
+                    feedforward_dim,
+                    attn_dropout,
+                    ffn_dropout,
+                    num_feature_levels,
+                    num_points,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,  # (N, Q, C) content queries
+        query_pos: torch.Tensor,  # (N, Q, C)
+        reference_points: torch.Tensor,  # (N, Q, 2) or (N, Q, 4), normalized, sigmoid space
+        memory: torch.Tensor,  # (N, S, C) encoder output
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,  # (N, L, 2)
+        memory_padding_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (layers, N, Q, C) states and (layers, N, Q, 2 or 4) reference points, the
+        references being the ones each layer's boxes are predicted relative to *after* it."""
+        states, references = [], []
+        for layer_id, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                ratios = torch.cat([valid_ratios, valid_ratios], -1)
+            else:
+                ratios = valid_ratios
+            reference_input = reference_points[:, :, None] * ratios[:, None]  # (N, Q, L, 2|4)
+            query = layer(
+                query,
+                query_pos,
+                reference_input,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+            )
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[layer_id](query)
+                if reference_points.shape[-1] == 4:
+                    new_reference = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                else:  # a 2-d reference refines the centre; the size comes from the head alone
+                    centre = delta[..., :2] + inverse_sigmoid(reference_points)
+                    new_reference = torch.cat([centre, delta[..., 2:]], -1).sigmoid()
+                reference_points = new_reference.detach()
+            states.append(query)
+            references.append(reference_points)
+        return torch.stack(states), torch.stack(references)
+
+
+class DeformableDetrTransformer(nn.Module):
+    """Flattens the feature pyramid, runs the encoder, builds the decoder queries (learned, or
+    the top-scoring encoder proposals in two-stage mode) and runs the decoder."""
+
+    def __init__(
+        self,
+        encoder: DeformableDetrTransformerEncoder,
+        decoder: DeformableDetrTransformerDecoder,
+        num_feature_levels: int = 4,
+        as_two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.num_feature_levels = num_feature_levels
+        self.as_two_stage = as_two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+        self.embed_dim = self.encoder.embed_dim
+
+        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, self.embed_dim))
+        if as_two_stage:
+            self.enc_output = nn.Linear(self.embed_dim, self.embed_dim)
+            self.enc_output_norm = nn.LayerNorm(self.embed_dim)
+            self.pos_trans = nn.Linear(self.embed_dim * 2, self.embed_dim * 2)
+            self.pos_trans_norm = nn.LayerNorm(self.embed_dim * 2)
+        else:
+            self.reference_points = nn.Linear(self.embed_dim, 2)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # official: xavier for every matrix, then the attention modules' own initialization
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.init_weights()
+        if not self.as_two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embeds)
+
+    @staticmethod
+    def get_valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) padding mask -> (N, 2) valid fraction of the map as (width, height)."""
+        _, height, width = mask.shape
+        valid_height = torch.sum(~mask[:, :, 0], 1)
+        valid_width = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
+
+    def gen_encoder_output_proposals(
+        self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One proposal per encoder token: centre at the pixel, size 0.05 * 2**level of the valid
+        image, in logit space. Padded tokens and proposals too near the border get +inf and their
+        memory is zeroed. Returns (N, S, C) projected memory and (N, S, 4) proposals."""
+        batch = memory.shape[0]
+        proposals = []
+        start = 0
+        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+            mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
+            valid_height = torch.sum(~mask[:, :, 0], 1)
+            valid_width = torch.sum(~mask[:, 0, :], 1)
+            grid_y, grid_x = torch.meshgrid(
+                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
+                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
+            grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
+            scale = torch.stack([valid_width, valid_height], 1).view(batch, 1, 1, 2)
+            centre = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
+            size = torch.ones_like(centre) * 0.05 * (2.0**lvl)
+            proposals.append(torch.cat((centre, size), -1).view(batch, -1, 4))
+            start += height * width
+        output_proposals = torch.cat(proposals, 1)
+        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+        output_proposals = torch.log(output_proposals / (1 - output_proposals))
+        invalid = memory_padding_mask.unsqueeze(-1) | ~valid
+        output_proposals = output_proposals.masked_fill(invalid, float("inf"))
+        output_memory = memory.masked_fill(invalid, 0.0)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        return output_memory, output_proposals
+
+    @staticmethod
+    def get_proposal_pos_embed(
+        proposals: torch.Tensor, num_pos_feats: int = 128, temperature: int = 10000
+    ) -> torch.Tensor:
+        """Sine embedding of (N, Q, 4) logit-space boxes: `num_pos_feats` features per
+        coordinate (128 for a 256-d model) -> (N, Q, 4 * num_pos_feats)."""
+        scale = 2 * math.pi
+        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+        proposals = proposals.sigmoid() * scale
+        pos = proposals[:, :, :, None] / dim_t  # (N, Q, 4, 128)
+        pos = torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
+        return pos
+
+    def forward(
+        self,
+        multi_level_feats: list[torch.Tensor],  # L x (N, C, H_l, W_l)
+        multi_level_masks: list[torch.Tensor],  # L x (N, H_l, W_l), True on padding
+        multi_level_pos_embeds: list[torch.Tensor],  # L x (N, C, H_l, W_l)
+        query_embed: torch.Tensor | None,  # (Q, 2C) learned queries, None in two-stage mode
+    ):
+        feat_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        for lvl, (feat, mask, pos) in enumerate(
+            zip(multi_level_feats, multi_level_masks, multi_level_pos_embeds)
+        ):
+            _, _, height, width = feat.shape
+            shapes.append((height, width))
+            feat_flatten.append(feat.flatten(2).transpose(1, 2))  # (N, H*W, C)
+            mask_flatten.append(mask.flatten(1))
+            pos = pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1)
+            pos_flatten.append(pos)
+        feat_flatten = torch.cat(feat_flatten, 1)  # (N, S, C)
+        mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
+        pos_flatten = torch.cat(pos_flatten, 1)  # (N, S, C)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=feat_flatten.device)
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
+        )
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in multi_level_masks], 1)
+
+        memory = self.encoder(
+            feat_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios, mask_flatten
+        )
+
+        batch, _, channels = memory.shape
+        enc_outputs_class = enc_outputs_coord_unact = None
+        if self.as_two_stage:
+            output_memory, output_proposals = self.gen_encoder_output_proposals(
+                memory, mask_flatten, spatial_shapes
+            )
+            num_layers = self.decoder.num_layers
+            enc_outputs_class = self.decoder.class_embed[num_layers](output_memory)
+            enc_outputs_coord_unact = self.decoder.bbox_embed[num_layers](output_memory)
+            enc_outputs_coord_unact = enc_outputs_coord_unact + output_proposals
+            # the proposals scoring highest for class 0 (the "object" logit) seed the decoder
+            objectness = enc_outputs_class[..., 0]
+            if not self.training:
+                # Padded tokens all score alike and would outrank weak real proposals in a
+                # padded batch but not alone; in eval they never become queries, so a result
+                # does not depend on the batch (training keeps the official selection).
+                objectness = objectness.masked_fill(mask_flatten, float("-inf"))
+            topk = min(self.two_stage_num_proposals, enc_outputs_class.shape[1])
+            topk_index = torch.topk(objectness, topk, dim=1)[1]
+            topk_coords_unact = torch.gather(
+                enc_outputs_coord_unact, 1, topk_index.unsqueeze(-1).expand(-1, -1, 4)
+            ).detach()
+            reference_points = topk_coords_unact.sigmoid()
+            pos_trans_out = self.pos_trans_norm(
+                self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact, channels // 2))
+            )
+            query_pos, query = torch.split(pos_trans_out, channels, dim=2)
+        else:
+            query_pos, query = torch.split(query_embed, channels, dim=1)
+            query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+            query = query.unsqueeze(0).expand(batch, -1, -1)
+            reference_points = self.reference_points(query_pos).sigmoid()
+        init_reference = reference_points
+
+        states, inter_references = self.decoder(
+            query,
+            query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            mask_flatten,
+        )
+        return states, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
