@@ -418,6 +418,7 @@ class DetectionCheckpointer(Checkpointer):
             raise CheckpointNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
         self.logger.info(f"Loading checkpoint from {path}")
         checkpoint = self._load_file(local)
+        self._convert_known_layouts(checkpoint, path)
         incompatible = self._load_model(checkpoint)
         self._log_incompatible_keys(incompatible)
         names = self.checkpointables if checkpointables is None else checkpointables
@@ -448,6 +449,45 @@ class DetectionCheckpointer(Checkpointer):
             f"checkpoint {filename} has no model state dict: expected {{'model': state_dict, ...}}"
             f" or a bare state dict, found {top}"
         )
+
+    def _convert_known_layouts(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Recognize layouts that are not the model's own names.
+
+        - a torchvision ResNet (`conv1.weight`, `layer1.0.conv1.weight`, `fc.*`): renamed to our
+          ResNet's names (`stem.conv1.weight`, `res2.0.conv1.weight`) and matched to the model by
+          suffix, so an ImageNet `.pth` initializes the backbone; `fc.*` and `num_batches_tracked`
+          are dropped;
+        - an official Deformable-DETR checkpoint: refused, naming the conversion command (its
+          keys and its 91-way class heads need tools/convert_weights.py);
+        - detectron2's MSRA Caffe2-named ResNet (`conv1_w`, `res_conv1_bn_s`): refused (BGR
+          input, stride_in_1x1=True; not converted).
+        """
+        from .convert.common import CAFFE2_MESSAGE, guess_source
+        from .convert.torchvision import rename_torchvision_resnet
+
+        state = checkpoint["model"]
+        model_keys = self.model.state_dict().keys()
+        source = guess_source(state.keys())
+        if source == "official" and "transformer.level_embed" not in model_keys:
+            raise CheckpointError(
+                f"checkpoint {path} is an official Deformable-DETR checkpoint, whose names and "
+                "91-way class heads differ from this model's; convert it first: python "
+                f"tools/convert_weights.py --source official --input {path} --output "
+                "converted.pth, then load converted.pth"
+            )
+        if source == "caffe2" and "conv1_w" not in model_keys:
+            raise CheckpointError(f"checkpoint {path} is {CAFFE2_MESSAGE}")
+        if source == "torchvision" and "conv1.weight" not in model_keys:
+            renamed, dropped = rename_torchvision_resnet(state)
+            checkpoint["model"] = renamed
+            checkpoint["matching_heuristics"] = True
+            classifier = sorted(k for k in dropped if not k.endswith("num_batches_tracked"))
+            self.logger.info(
+                f"{path} is a torchvision ResNet: renamed its keys to detectron2's ResNet names "
+                f"(conv1 -> stem.conv1, layer1 -> res2, bn1 -> conv1.norm, downsample -> "
+                f"shortcut) and dropped {len(dropped)} keys without a counterpart"
+                + (f" ({', '.join(classifier)} and the BatchNorm counters)" if classifier else "")
+            )
 
     def _load_model(self, checkpoint: dict[str, Any]) -> _IncompatibleKeys:
         state_dict = checkpoint["model"]
@@ -492,13 +532,24 @@ class DetectionCheckpointer(Checkpointer):
         return renamed
 
     def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
-        for key, shape_checkpoint, shape_model in incompatible.incorrect_shapes:
+        skipped = incompatible.incorrect_shapes
+        if skipped:
+            # one block per (checkpoint shape, model shape), naming every key
+            by_shapes: dict[tuple, list[str]] = defaultdict(list)
+            for key, shape_checkpoint, shape_model in skipped:
+                by_shapes[(tuple(shape_checkpoint), tuple(shape_model))].append(key)
+            lines = []
+            for (shape_checkpoint, shape_model), keys in by_shapes.items():
+                lines.append(f"{shape_checkpoint} in the checkpoint, {shape_model} in the model:")
+                lines.extend(f"  {line}" for line in summarize_keys(keys, max_lines=30))
             self.logger.warning(
-                f"Skip loading '{key}': shape {tuple(shape_checkpoint)} in the checkpoint but "
-                f"{tuple(shape_model)} in the model (expected when fine-tuning to a new number of "
-                "classes)"
+                f"Skip loading {len(skipped)} tensors whose shape differs between the checkpoint "
+                "and the model; they keep the model's initialization (expected for class heads "
+                "when fine-tuning to a new number of classes):\n  " + "\n  ".join(lines)
             )
-        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys)
+        skipped_keys = {key for key, _, _ in skipped}
+        missing = [k for k in incompatible.missing_keys if k not in skipped_keys]
+        missing = _filter_reused_missing_keys(self.model, missing)
         if missing:
             self.logger.warning(
                 f"{len(missing)} model parameters or buffers are not in the checkpoint:\n  "
