@@ -48,7 +48,7 @@ $(CUDA_STAMP):
 cuda-check: $(CUDA_STAMP)
 	CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=2 \
 		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --build-temp build-cuda/temp --build-lib build-cuda/lib
-	$(CUDA_VENV)/bin/python tools/check_cuda_build.py build-cuda/lib
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(CUDA_VENV)/bin/python tools/check_cuda_build.py build-cuda/lib
 
 lint:
 	$(PY) -m ruff check .

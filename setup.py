@@ -31,6 +31,8 @@ def _want_cuda() -> bool:
 
 
 def get_extensions() -> list:
+    # *.cpp and *.cu only: the CPU emulation of the CUDA kernels used by the tests
+    # (csrc/ms_deform_attn/cuda/emulation/*.cc) is not part of the extension.
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     if not cpp_sources:
@@ -38,7 +40,8 @@ def get_extensions() -> list:
 
     # -fopenmp: at::parallel_for expands to an OpenMP region in the headers; without the flag the
     # CPU kernel would silently run on one thread.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for 2.13).
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     extra_link_args = ["-fopenmp"]
     define_macros = []
     sources = list(cpp_sources)
@@ -49,7 +52,6 @@ def get_extensions() -> list:
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = [
             "-O3",
-            "-std=c++17",
             "--use_fast_math",
             "-U__CUDA_NO_HALF_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__",

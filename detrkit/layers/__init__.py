@@ -10,12 +10,19 @@ from .box_ops import (
     paired_generalized_box_iou,
 )
 from .mlp import FFN, MLP
+from .ms_deform_attn import (
+    MultiScaleDeformableAttention,
+    ms_deform_attn,
+    ms_deform_attn_backend,
+    ms_deform_attn_reference,
+)
 from .position_embedding import PositionEmbeddingSine
 from .shape_spec import ShapeSpec
 
 __all__ = [
     "FFN",
     "MLP",
+    "MultiScaleDeformableAttention",
     "PositionEmbeddingSine",
     "ShapeSpec",
     "box_area",
@@ -24,5 +31,8 @@ __all__ = [
     "box_xyxy_to_cxcywh",
     "generalized_box_iou",
     "inverse_sigmoid",
+    "ms_deform_attn",
+    "ms_deform_attn_backend",
+    "ms_deform_attn_reference",
     "paired_generalized_box_iou",
 ]
