@@ -14,9 +14,10 @@ Sampling locations are what a trained model produces, roughly: each query's refe
 pattern of MultiScaleDeformableAttention and a few pixels of noise. (Uniformly random locations
 would measure cache misses instead of the kernels.)
 
-Peak memory: on the GPU, torch.cuda.max_memory_allocated; on the CPU, the process's peak
-resident set (VmHWM, reset through /proc/self/clear_refs) above its size before the call, with
-glibc told to return large blocks to the system on free so that the baseline stays put.
+Peak memory: on the GPU, torch.cuda.max_memory_allocated; on the CPU, the peak resident set
+(VmHWM, reset through /proc/self/clear_refs) above the size before the call, measured in a fresh
+process per implementation (memory freed by earlier calls would hide new allocations) with glibc
+told to return blocks of 1 MiB and more to the system on free.
 
     python benchmarks/ms_deform_attn.py                 # CPU, and CUDA when there is a GPU
     python benchmarks/ms_deform_attn.py --device cuda --dtype bfloat16
@@ -28,7 +29,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -186,10 +190,36 @@ def run_timing(impl: Callable, inputs: tuple, device: torch.device, repeat: int)
     }
 
 
-def run_memory(impl: Callable, inputs: tuple, device: torch.device) -> dict:
-    forward_no_grad, _, forward_backward = _closures(impl, inputs)
+IMPLEMENTATIONS = {"reference": ms_deform_attn_reference, "kernel": ms_deform_attn}
+
+
+def run_memory(impl: str, inputs: tuple, device: torch.device) -> dict:
+    forward_no_grad, _, forward_backward = _closures(IMPLEMENTATIONS[impl], inputs)
     memory = PeakMemory(device)
+    forward_backward()  # warm-up: one-time allocations (thread pools, caches) are not the op's
     return {"peak_fwd": memory.measure(forward_no_grad), "peak": memory.measure(forward_backward)}
+
+
+def run_memory_in_subprocess(impl: str, shape: str, dtype_name: str) -> dict:
+    """CPU peak memory of one implementation, measured in a fresh process."""
+    probe = f"{impl}:{shape}:{dtype_name}:{torch.get_num_threads()}"
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory-probe", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        sys.exit(f"memory probe {probe} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(spec: str) -> None:
+    impl, shape, dtype_name, threads = spec.split(":")
+    torch.set_num_threads(int(threads))
+    device = torch.device("cpu")
+    inputs = make_inputs(shape, device, getattr(torch, dtype_name))
+    print(json.dumps(run_memory(impl, inputs, device)))
 
 
 def print_table(title: str, rows: list[tuple[str, dict]]) -> None:
@@ -253,8 +283,12 @@ def main() -> None:
     parser.add_argument(
         "--thread-scaling", action="store_true", help="CPU kernel, 1 vs all threads"
     )
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one CPU measurement
     args = parser.parse_args()
 
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = []
@@ -273,7 +307,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-    cases = []  # (title, device, inputs, [(name, impl)])
+    cases = []  # (title, device, inputs, [(name, impl key)], shape, dtype name)
     for device in devices:
         backend = ms_deform_attn_backend(device)
         dtypes = args.dtype or ("float32" if device.type == "cpu" else "float32,bfloat16")
@@ -283,23 +317,26 @@ def main() -> None:
                 sys.exit(f"--dtype: unknown dtype {dtype_name!r}")
             for shape in shapes:
                 inputs = make_inputs(shape, device, dtype)
-                impls = [("reference", ms_deform_attn_reference)]
+                impls = [("reference", "reference")]
                 if backend != "reference":
-                    impls.append((backend, ms_deform_attn))
+                    impls.append((backend, "kernel"))
                 title = (
                     f"{shape} shape on {device.type}: value {dtype_name} {tuple(inputs[0].shape)}, "
                     f"{inputs[3].shape[1]} queries, locations/weights {inputs[3].dtype}"
                 )
-                cases.append((title, device, inputs, impls))
-    # every timing first, then the memory pass (which changes malloc's settings on the CPU)
+                cases.append((title, device, inputs, impls, shape, dtype_name.strip()))
     results = []
-    for title, device, inputs, impls in cases:
+    for title, device, inputs, impls, shape, dtype_name in cases:
         repeat = args.repeat or (3 if device.type == "cpu" else 20)
-        rows = [(name, run_timing(fn, inputs, device, repeat)) for name, fn in impls]
+        rows = []
+        for name, impl in impls:
+            row = run_timing(IMPLEMENTATIONS[impl], inputs, device, repeat)
+            if device.type == "cpu":
+                row.update(run_memory_in_subprocess(impl, shape, dtype_name))
+            else:
+                row.update(run_memory(impl, inputs, device))
+            rows.append((name, row))
         results.append((f"{title}, median of {repeat}", rows))
-    for (_, device, inputs, impls), (_, rows) in zip(cases, results):
-        for (_, row), (_, fn) in zip(rows, impls):
-            row.update(run_memory(fn, inputs, device))
     for title, rows in results:
         print_table(title, rows)
     if args.thread_scaling:

@@ -435,6 +435,50 @@ def test_raw_backward_checks_grad_output(gen):
         torch.ops.detrkit.ms_deform_attn_backward(torch.zeros(2, 3, 8).double(), *inputs)
 
 
+BASELINE_SCRIPT = textwrap.dedent(
+    """
+    import os, torch
+    from detrkit.layers.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    shapes = torch.tensor([[5, 7], [3, 2]])
+    start = torch.tensor([0, 35])
+    for D, dtype in ((32, torch.float32), (5, torch.float64), (16, torch.bfloat16)):
+        v = torch.randn(3, 41, 2, D, dtype=torch.float64, generator=gen).to(dtype)
+        loc = torch.rand(3, 6, 2, 2, 3, 2, dtype=torch.float64, generator=gen) * 1.4 - 0.2
+        w = torch.rand(3, 6, 2, 2, 3, dtype=torch.float64, generator=gen)
+        loc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves = [t.requires_grad_() for t in (v, loc.to(loc_dtype), w.to(loc_dtype))]
+        out = ms_deform_attn(leaves[0], shapes, start, leaves[1], leaves[2])
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(out, leaves, g.to(dtype))
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        ref = ms_deform_attn_reference(ref_leaves[0], shapes, start, *ref_leaves[1:])
+        ref_grads = torch.autograd.grad(ref, ref_leaves, g)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+        scale = lambda r: tol * (1 + r.abs().max().item())
+        assert (out.double() - ref).abs().max() <= scale(ref), dtype
+        for a, b in zip(grads, ref_grads):
+            assert (a.double() - b).abs().max() <= 10 * scale(b), dtype
+    print("BASELINE OK")
+    """
+)
+
+
+def test_baseline_cpu_loops_without_avx2():
+    """The loops CPUs without AVX2 run (forced by DETRKIT_MSDA_BASELINE_CPU=1) are correct too."""
+    env = dict(os.environ, DETRKIT_MSDA_BASELINE_CPU="1")
+    result = subprocess.run(
+        [sys.executable, "-c", BASELINE_SCRIPT],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "BASELINE OK" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # the fallback: no detrkit._C
 # ---------------------------------------------------------------------------------------------

@@ -310,3 +310,30 @@ def test_bad_module_input_raises_clear_error(kwargs_change, message):
 def test_embed_dim_must_divide_into_heads():
     with pytest.raises(ValueError, match="divisible"):
         MultiScaleDeformableAttention(embed_dim=100, num_heads=8)
+
+
+def test_module_compiles_in_one_graph_and_exports(gen):
+    module = MultiScaleDeformableAttention(32, 4, 2, 2, dropout=0.0)
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    start = torch.tensor([0, 30])
+    query = torch.randn(7, 2, 32, generator=gen)
+    kwargs = dict(
+        value=torch.randn(39, 2, 32, generator=gen),
+        reference_points=torch.rand(2, 7, 2, 4, generator=gen),
+        spatial_shapes=shapes,
+        level_start_index=start,
+        key_padding_mask=torch.rand(2, 39, generator=gen) < 0.2,
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(query, **kwargs)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    expected = module(query, **kwargs)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for g, p in zip(grads, module.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    exported = torch.export.export(module, (query,), kwargs)
+    torch.testing.assert_close(exported.module()(query, **kwargs), expected)

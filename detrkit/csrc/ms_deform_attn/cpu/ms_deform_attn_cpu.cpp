@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -245,8 +246,11 @@ __attribute__((target("avx2,fma"), flatten)) void backward_range_avx2(
     int64_t begin, int64_t end, const Args<scalar_t, loc_t>& a) {
   backward_range<NCH>(begin, end, a);
 }
+// DETRKIT_MSDA_BASELINE_CPU=1 forces the baseline loops (what CPUs without AVX2 run); the tests
+// use it to check that build too.
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("DETRKIT_MSDA_BASELINE_CPU") == nullptr;
   return has;
 }
 #else
