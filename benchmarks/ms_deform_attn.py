@@ -233,9 +233,9 @@ def print_table(title: str, rows: list[tuple[str, dict]]) -> None:
     print("-" * len(header))
     for name, r in rows:
         print(
-            f"{name:<22}{r['fwd'] * 1e3:>10.2f}{ref['fwd'] / r['fwd']:>8.1f}"
-            f"{r['bwd'] * 1e3:>10.2f}{ref['bwd'] / r['bwd']:>8.1f}"
-            f"{r['fwd+bwd'] * 1e3:>12.2f}{ref['fwd+bwd'] / r['fwd+bwd']:>8.1f}"
+            f"{name:<22}{r['fwd'] * 1e3:>10.3f}{ref['fwd'] / r['fwd']:>8.1f}"
+            f"{r['bwd'] * 1e3:>10.3f}{ref['bwd'] / r['bwd']:>8.1f}"
+            f"{r['fwd+bwd'] * 1e3:>12.3f}{ref['fwd+bwd'] / r['fwd+bwd']:>8.1f}"
             f"{r['peak_fwd'] / 2**20:>13.1f}{r['peak'] / 2**20:>17.1f}"
             f"{r['peak'] / max(ref['peak'], 1):>8.3f}"
         )

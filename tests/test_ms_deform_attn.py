@@ -98,6 +98,16 @@ def test_cpu_kernel_is_built():
     assert ms_deform_attn_backend(torch.device("cpu")) == "cpu-kernel"
 
 
+def test_cuda_tensors_without_a_cuda_kernel_go_to_the_reference():
+    """A build without the CUDA kernel still serves CUDA tensors: the Python reference is
+    registered for the CUDA dispatch key (and said to be the backend)."""
+    if ms_deform_attn_backend("cuda") == "cuda-kernel":
+        pytest.skip("this build has the CUDA kernel")
+    for op in ("detrkit::ms_deform_attn_forward", "detrkit::ms_deform_attn_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    assert ms_deform_attn_backend("cuda:0") == "reference"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_backward_match_reference_float64(case, gen):
     shapes, N, M, D, Lq, P = CASES[case]

@@ -12,7 +12,10 @@
 // is accumulated with vector atomics (float4 / float2 on sm_90) into a float32 buffer: grad_value
 // itself for float32, a workspace cast at the end for float16 / bfloat16, double for float64.
 //
-// The bilinear math is common.h, shared with the CPU kernel and tested there.
+// The kernels are in kernels.cuh (device code only, also compiled by the CPU emulation the tests
+// run on machines without a GPU); this file holds the launchers. The bilinear math is common.h,
+// shared with the CPU kernel. Design target (H100, encoder shape, batch 2): forward <= 0.4 ms
+// fp32 / 0.25 ms bf16, forward + backward <= 1.5 ms bf16; not measured yet (no GPU so far).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
