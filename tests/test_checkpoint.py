@@ -450,3 +450,15 @@ def test_last_checkpoint_only_ever_names_complete_files(tmp_path, monkeypatch):
         checkpointer.save("model_0000014")
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    from detrkit.utils.file_io import atomic_write
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    atomic = tmp_path / "atomic.bin"
+    atomic_write(atomic, lambda f: f.write(b"x"))
+    assert (atomic.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+    assert atomic.read_bytes() == b"x"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

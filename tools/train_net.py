@@ -19,8 +19,12 @@ from typing import Any
 
 import torch
 
+# `projects.*` (model code referenced by the configs) lives beside tools/ in the repository
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from detrkit.checkpoint import DetectionCheckpointer
 from detrkit.config import LazyConfig, instantiate
+from detrkit.data import MetadataCatalog
 from detrkit.engine import (
     EMAHook,
     EvalHook,
@@ -71,6 +75,41 @@ def check_config(cfg: Any, args) -> None:
             node = node[part]
 
 
+def _dataset_names(cfg: Any, split: str) -> list[str]:
+    """Dataset names of `dataloader.<split>` when it reads them from the catalog."""
+    try:
+        names = cfg.dataloader[split].dataset.names
+    except (AttributeError, KeyError, TypeError):
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def check_num_classes(cfg: Any, split: str) -> None:
+    """`model.num_classes` is the one place a class count is set (the criterion interpolates it,
+    the evaluator reads the dataset's metadata); fail early when the dataset has more classes
+    than the head can predict, naming both settings."""
+    num_classes = cfg.model.get("num_classes", None) if "model" in cfg else None
+    if not isinstance(num_classes, int):
+        return
+    for name in _dataset_names(cfg, split):
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is None:
+            continue
+        if len(classes) > num_classes:
+            raise ValueError(
+                f"dataset '{name}' has {len(classes)} classes but model.num_classes={num_classes}; "
+                f"set model.num_classes={len(classes)} (the criterion and evaluator follow it)"
+            )
+        if len(classes) < num_classes:
+            logger.warning(
+                "dataset '%s' has %d classes but model.num_classes=%d: the extra outputs are "
+                "never trained as positives",
+                name,
+                len(classes),
+                num_classes,
+            )
+
+
 def resolve_device(cfg: Any) -> torch.device:
     """`train.device`, falling back to the CPU (with a warning) when CUDA is not available.
 
@@ -100,9 +139,9 @@ def do_test(cfg: Any, model: torch.nn.Module, ema: ModelEMA | None = None) -> di
     averaged weights too and report them under `<task>_ema` (e.g. `bbox_ema/AP`)."""
     if "test" not in cfg.dataloader or "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    test_loader = instantiate(cfg.dataloader.test)
+    check_num_classes(cfg, "test")
+    results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     if ema is not None:
         logger.info("Evaluating the EMA weights")
@@ -127,6 +166,7 @@ def do_train(args, cfg: Any, device: torch.device) -> None:
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    check_num_classes(cfg, "train")  # after the loader: loading a dataset sets its metadata
 
     ddp_cfg = dict(cfg.train.get("ddp", {}))
     model = create_ddp_model(model, **ddp_cfg)

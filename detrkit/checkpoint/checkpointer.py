@@ -24,10 +24,9 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from iopath.common.file_io import PathManager
 from torch import nn
 
 from detrkit.utils import comm
+from detrkit.utils.file_io import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -59,43 +59,6 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 # ---------------------------------------------------------------------------------------------
 # atomic writes
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file so that `path` is either its old content or the complete new one.
-
-    `write(f)` fills a temporary file in the same folder, which is flushed, fsynced and renamed
-    over `path`; the folder is fsynced so the rename survives a power cut. On any error the
-    temporary file is removed and `path` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import inspect
 import logging
 import os
 import pathlib
-import tempfile
 import traceback
 import types
 import uuid
@@ -26,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode, open_dict
+
+from detrkit.utils.file_io import atomic_write
 
 __all__ = [
     "ConfigError",
@@ -591,19 +592,7 @@ class LazyConfig:
         filename = os.fspath(filename)
         container = _to_yaml_container(cfg, "", filename)
         text = OmegaConf.to_yaml(OmegaConf.create(container), resolve=False)
-        folder = os.path.dirname(os.path.abspath(filename))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(filename)}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filename)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(filename, lambda f: f.write(text.encode("utf-8")))
 
     @staticmethod
     def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

@@ -74,5 +74,5 @@ train.log_period = 20
 train.checkpointer.period = 500
 train.clip_grad.enabled = True
 train.clip_grad.params.max_norm = 1.0
-train.device = "cpu"
+train.device = "cpu"  # train.device=cuda on a GPU machine
 train.seed = 42
