@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make quickstart   install, generate the shapes dataset, train shapes_tiny.py on the CPU, evaluate
-#   make test         install, run the whole test suite, build-check the CUDA kernel
+#   make test         install, lint, run the whole test suite, build-check the CUDA kernel
 # Both install into ./.venv once; the install is skipped while its inputs are unchanged.
 
 PYTHON ?= python3
@@ -31,6 +31,7 @@ quickstart: install
 	$(PY) tools/train_net.py --config-file projects/deformable_detr/configs/shapes_tiny.py
 
 test: install
+	$(MAKE) lint
 	$(PY) -m pytest -q tests
 	$(MAKE) cuda-check
 

@@ -1,3 +1,3 @@
-"""detrkit: Deformable DETR with a detrex-style surface that runs on a laptop CPU, one GPU or many."""
+"""detrkit: Deformable DETR with a detrex-style surface, on a laptop CPU, one GPU or many."""
 
 __version__ = "0.1.0"

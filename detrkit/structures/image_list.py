@@ -68,7 +68,9 @@ class ImageList:
             h, w = image_sizes[0]
             batched = F.pad(tensors[0], (0, max_w - w, 0, max_h - h), value=pad_value)[None]
         else:
-            batched = tensors[0].new_full((len(tensors), tensors[0].shape[0], max_h, max_w), pad_value)
+            batched = tensors[0].new_full(
+                (len(tensors), tensors[0].shape[0], max_h, max_w), pad_value
+            )
             for img, pad_img in zip(tensors, batched):
                 pad_img[..., : img.shape[-2], : img.shape[-1]].copy_(img)
         return ImageList(batched.contiguous(), image_sizes)

@@ -103,7 +103,9 @@ def shared_random_seed() -> int:
     return all_gather(seed)[0]
 
 
-def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+def reduce_dict(
+    input_dict: dict[str, torch.Tensor], average: bool = True
+) -> dict[str, torch.Tensor]:
     """All-reduce a dict of scalar tensors, in a fixed key order, so every rank gets the result."""
     world_size = get_world_size()
     if world_size < 2:

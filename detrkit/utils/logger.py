@@ -27,7 +27,7 @@ class _ConsoleFormatter(logging.Formatter):
         super().__init__(*args, **kwargs)
         self._color = color
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging API)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         log = super().formatMessage(record)
         if record.levelno >= logging.ERROR:
             prefix = "\033[31mERROR\033[0m" if self._color else "ERROR"
@@ -65,7 +65,9 @@ def setup_logger(
         # other ranks stay quiet on the console unless something is wrong
         handler = logging.StreamHandler(stream=sys.stderr)
         handler.setLevel(logging.WARNING)
-        handler.setFormatter(_ConsoleFormatter(f"[rank {distributed_rank}] " + _CONSOLE_FORMAT, _DATE_FORMAT))
+        handler.setFormatter(
+            _ConsoleFormatter(f"[rank {distributed_rank}] " + _CONSOLE_FORMAT, _DATE_FORMAT)
+        )
         logger.addHandler(handler)
 
     if output is not None:
@@ -85,7 +87,9 @@ _LOG_COUNTER: Counter = Counter()
 _LOG_TIMER: dict = {}
 
 
-def log_first_n(level: int, msg: str, n: int = 1, *, name: str = "detrkit", key: str = "msg") -> None:
+def log_first_n(
+    level: int, msg: str, n: int = 1, *, name: str = "detrkit", key: str = "msg"
+) -> None:
     """Log `msg` only the first `n` times this call site (or message, with key="msg") is reached."""
     caller_key = msg if key == "msg" else key
     _LOG_COUNTER[caller_key] += 1
