@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -27,3 +29,25 @@ def checkpoint_keys() -> dict:
         pytest.fail(f"missing {path}: the ../shared folder must sit beside the clone")
     with open(path) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: they make many small tensors, and waking a
+    thread pool for each is slow on a busy machine. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def convert_weights(request):
+    """tools/convert_weights.py as a module (its `main(argv)` runs the CLI in-process)."""
+    path = REPO_ROOT / "tools" / "convert_weights.py"
+    name = f"convert_weights_under_test_{request.module.__name__}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ expected, exit status 2, nothing written."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
@@ -17,22 +16,7 @@ from detrkit.checkpoint.convert import (
     official_to_detrex_name,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def convert_weights(repo_root):
-    path = repo_root / "tools" / "convert_weights.py"
-    spec = importlib.util.spec_from_file_location("convert_weights_errors_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_error(convert_weights, capsys, tmp_path, source, input_path, *extra) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -38,23 +37,7 @@ CHECKPOINTER_LOGGER = "detrkit.checkpoint.checkpointer"
 ALL_VARIANTS = ["single_scale", "single_scale_dc5", "deformable_detr", "refine", "two_stage"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests are memory-bound copies of many tensors: one thread avoids the cost of
-    waking a thread pool for each of them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def convert_weights(repo_root):
-    path = repo_root / "tools" / "convert_weights.py"
-    spec = importlib.util.spec_from_file_location("convert_weights_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_model(repo_root, variant: str, **overrides) -> torch.nn.Module:

@@ -8,7 +8,6 @@ says where each lands in our model.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import pickle
 
@@ -31,21 +30,7 @@ CHECKPOINTER_LOGGER = "detrkit.checkpoint.checkpointer"
 OFFICIAL_BACKBONE = "backbone.0.body."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def convert_weights(repo_root):
-    path = repo_root / "tools" / "convert_weights.py"
-    spec = importlib.util.spec_from_file_location("convert_weights_tv_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

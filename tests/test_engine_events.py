@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import random
 import re
 
 import numpy as np
 import pytest
 import torch
+from helpers import capture_logs
 
 from detrkit.engine import CommonMetricPrinter, EventStorage, JSONWriter, get_event_storage
 from detrkit.engine.events import EventWriter
 from detrkit.engine.setup import default_writers
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def capture_logs(name: str, level: int = logging.DEBUG):
-    """The records logged to logger `name` inside the block (whatever its propagation)."""
-    handler = _ListHandler()
-    logger = logging.getLogger(name)
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def test_storage_records_and_smooths():

@@ -3,15 +3,14 @@ state dicts, LR schedule on resume, checkpoint files, evaluation, EMA."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import logging
 import re
 
 import pytest
 import torch
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
+from helpers import capture_logs
 from toy import ToyEvaluator, ToyLoader, ToyModel, ToyTestLoader
 
 from detrkit.checkpoint import DetectionCheckpointer
@@ -30,30 +29,6 @@ from detrkit.engine import (
 )
 from detrkit.engine.optimizer import WarmupParamScheduler
 from detrkit.evaluation import inference_on_dataset
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def capture_logs(name: str, level: int = logging.DEBUG):
-    """The records logged to logger `name` inside the block (whatever its propagation)."""
-    handler = _ListHandler()
-    logger = logging.getLogger(name)
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def make_trainer(seed: int = 0, optimizer: str = "sgd", lr: float = 0.05, **trainer_kwargs):

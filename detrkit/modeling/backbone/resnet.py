@@ -214,6 +214,21 @@ class _FreezableBlock(nn.Module):
         return self
 
 
+def _shortcut(in_channels: int, out_channels: int, stride: int, norm: NormSpec) -> Conv2d | None:
+    """The 1x1 projection of a block's input when its channels or stride change, else None
+    (the identity)."""
+    if in_channels == out_channels and stride == 1:
+        return None
+    return Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=1,
+        stride=stride,
+        bias=not norm,
+        norm=get_norm(norm, out_channels),
+    )
+
+
 class BasicStem(_FreezableBlock):
     """7x7 stride-2 conv (`conv1`, with norm) + ReLU + 3x3 stride-2 max-pool: stride 4 overall."""
 
@@ -254,17 +269,7 @@ class BasicBlock(_FreezableBlock):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         _check_norm(norm)
-        if in_channels != out_channels or stride != 1:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=not norm,
-                norm=get_norm(norm, out_channels),
-            )
-        else:
-            self.shortcut = None
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         self.conv1 = Conv2d(
             in_channels,
             out_channels,
@@ -318,17 +323,7 @@ class BottleneckBlock(_FreezableBlock):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         _check_norm(norm)
-        if in_channels != out_channels or stride != 1:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=not norm,
-                norm=get_norm(norm, out_channels),
-            )
-        else:
-            self.shortcut = None
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = Conv2d(
             in_channels,

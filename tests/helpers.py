@@ -1,0 +1,30 @@
+"""Small helpers shared by several test files."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def capture_logs(name: str, level: int = logging.DEBUG):
+    """The records logged to logger `name` inside the block (whatever its propagation)."""
+    handler = _ListHandler()
+    logger = logging.getLogger(name)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
