@@ -320,3 +320,26 @@ def wrong_source_message(
         f"{path} is not {expected}: {len(unknown)} of its {len(keys)} keys belong to no known "
         f"layout, first: {first(unknown)}"
     )
+
+
+def read_structure(
+    path: str,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    level_key: str,
+    known_keys: set[str],
+    description: str,
+) -> tuple[int, bool, bool]:
+    """(feature levels, box refinement, two-stage) of a Deformable DETR state dict whose level
+    embedding is named `level_key`; a file without it is refused, naming its unknown keys."""
+    if level_key not in state:
+        unknown = [k for k in state if k not in known_keys]
+        if not unknown:
+            raise ConversionError(
+                f"{path} is not a complete {description} checkpoint: it lacks {level_key}"
+            )
+        raise ConversionError(wrong_source_message(path, source, state.keys(), unknown))
+    levels = int(state[level_key].shape[0])
+    with_box_refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
+    as_two_stage = "transformer.enc_output.weight" in state
+    return levels, with_box_refine, as_two_stage

@@ -26,9 +26,9 @@ from .common import (
     check_aliases,
     check_layout,
     model_state,
+    read_structure,
     resolve_variant,
     strip_prefix,
-    wrong_source_message,
 )
 from .official import (
     DEFAULT_NUM_QUERIES,
@@ -87,19 +87,14 @@ def convert_detrex(
         state = model_state(data, path, expected="a detrex Deformable DETR checkpoint")
     state = strip_prefix(state, "module.")
 
-    if "transformer.level_embeds" not in state:
-        known = _all_detrex_keys()
-        unknown = [k for k in state if k not in known]
-        if not unknown:
-            raise ConversionError(
-                f"{path} is not a complete detrex Deformable DETR checkpoint: it lacks "
-                "transformer.level_embeds"
-            )
-        raise ConversionError(wrong_source_message(path, "detrex", state.keys(), unknown))
-
-    levels = int(state["transformer.level_embeds"].shape[0])
-    with_box_refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
-    as_two_stage = "transformer.enc_output.weight" in state
+    levels, with_box_refine, as_two_stage = read_structure(
+        path,
+        state,
+        "detrex",
+        "transformer.level_embeds",
+        _all_detrex_keys(),
+        "detrex Deformable DETR",
+    )
     head = state.get("class_embed.0.weight")
     num_classes = int(head.shape[0]) if head is not None and head.dim() == 2 else 80
     if num_classes == OFFICIAL_NUM_CLASSES and not keep_all_classes:

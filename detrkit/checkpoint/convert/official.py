@@ -52,9 +52,9 @@ from .common import (
     check_aliases,
     check_layout,
     model_state,
+    read_structure,
     resolve_variant,
     strip_prefix,
-    wrong_source_message,
 )
 from .torchvision import resnet_layout, torchvision_to_detectron2_name
 
@@ -323,19 +323,14 @@ def convert_official(
     for key in counters:  # plain BatchNorm counters; FrozenBatchNorm2d has none
         del state[key]
 
-    if "transformer.level_embed" not in state:
-        known = _all_official_keys()
-        unknown = [k for k in state if k not in known]
-        if not unknown:
-            raise ConversionError(
-                f"{path} is not a complete official Deformable-DETR checkpoint: it lacks "
-                "transformer.level_embed"
-            )
-        raise ConversionError(wrong_source_message(path, "official", state.keys(), unknown))
-
-    levels = int(state["transformer.level_embed"].shape[0])
-    with_box_refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
-    as_two_stage = "transformer.enc_output.weight" in state
+    levels, with_box_refine, as_two_stage = read_structure(
+        path,
+        state,
+        "official",
+        "transformer.level_embed",
+        _all_official_keys(),
+        "official Deformable-DETR",
+    )
     dilation = _training_arg(args, "dilation")
     chosen = resolve_variant(
         path,
