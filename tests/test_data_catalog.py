@@ -102,3 +102,18 @@ def test_builtin_coco_metadata_and_missing_files(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("DETRKIT_DATASETS")
         register_all_coco()
+
+
+def test_register_coco_instances_again_with_the_same_files_is_a_no_op(tmp_path):
+    name = f"twice_{tmp_path.name}"
+    json_file, image_root = str(tmp_path / "a.json"), str(tmp_path / "images")
+    try:
+        register_coco_instances(name, {}, json_file, image_root)
+        loader = DatasetCatalog[name]
+        register_coco_instances(name, {}, json_file, image_root)  # a config loaded twice
+        assert DatasetCatalog[name] is loader
+        with pytest.raises(KeyError, match="already registered"):
+            register_coco_instances(name, {}, str(tmp_path / "other.json"), image_root)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

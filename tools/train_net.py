@@ -22,9 +22,10 @@ import torch
 # `projects.*` (model code referenced by the configs) lives beside tools/ in the repository
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detrkit.checkpoint import DetectionCheckpointer
-from detrkit.config import LazyConfig, instantiate
+from detrkit.checkpoint import CheckpointError, DetectionCheckpointer
+from detrkit.config import ConfigError, LazyConfig, instantiate
 from detrkit.data import MetadataCatalog
+from detrkit.data.detection_utils import ImageLoadError
 from detrkit.engine import (
     EMAHook,
     EvalHook,
@@ -46,6 +47,9 @@ from detrkit.evaluation import inference_on_dataset, print_csv_format
 from detrkit.utils import comm
 
 logger = logging.getLogger("detrkit.train_net")
+
+# errors whose message names the config key, checkpoint or image at fault
+USER_ERRORS = (ConfigError, CheckpointError, ImageLoadError)
 
 # fast_dev_run: a short run through every hook (detrex's values)
 FAST_DEV_RUN = {"max_iter": 20, "eval_period": 10, "log_period": 1}
@@ -96,7 +100,7 @@ def check_num_classes(cfg: Any, split: str) -> None:
         if classes is None:
             continue
         if len(classes) > num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset '{name}' has {len(classes)} classes but model.num_classes={num_classes}; "
                 f"set model.num_classes={len(classes)} (the criterion and evaluator follow it)"
             )
@@ -257,11 +261,10 @@ def _exit_with_error(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def check_args(args) -> None:
+def check_args(args) -> Any:
     """Check the command line and the config before any process starts, so that a user error
-    is one line on stderr (exit code 2) instead of a traceback from every rank."""
-    from detrkit.config import ConfigError
-
+    is one line on stderr (exit code 2) instead of a traceback from every rank. Returns the
+    config (with overrides)."""
     if not args.config_file:
         _exit_with_error("the following argument is required: --config-file FILE")
     try:
@@ -270,11 +273,12 @@ def check_args(args) -> None:
         check_config(cfg, args)
     except (ConfigError, ValueError) as e:
         _exit_with_error(str(e))
+    return cfg
 
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    check_args(args)
+    cfg = check_args(args)
     try:
         launch(
             main,
@@ -286,3 +290,9 @@ if __name__ == "__main__":
         )
     except LaunchError as e:
         _exit_with_error(str(e), code=1)
+    except USER_ERRORS as e:
+        # a bad config value, checkpoint or image met while running in this process: the
+        # message names it; the traceback goes to log.txt only
+        logger.error("Stopped by %s", type(e).__name__, exc_info=True)
+        log_file = os.path.join(cfg.train.get("output_dir", "."), "log.txt")
+        _exit_with_error(f"{e} (traceback in {log_file})", code=1)

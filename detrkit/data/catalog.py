@@ -164,13 +164,19 @@ def register_coco_instances(
     """Register a dataset in COCO's json format (detection boxes only).
 
     `metadata` may preset e.g. `thing_classes`; the rest (`thing_dataset_id_to_contiguous_id`,
-    class names) is filled in from the json when the dataset is first loaded.
+    class names) is filled in from the json when the dataset is first loaded. Registering the
+    same name again with the same files does nothing, so a config file that registers its
+    datasets can be loaded more than once in a process (tools/train_net.py does).
     """
     from .coco import load_coco_json  # imported here: coco.py itself imports this module
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_coco_instances: name must be a non-empty str, got {name!r}")
     json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    if name in DatasetCatalog:
+        known = MetadataCatalog.get(name)
+        if (known.get("json_file", None), known.get("image_root", None)) == (json_file, image_root):
+            return
     DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
