@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import torch
@@ -48,8 +49,8 @@ from detrkit.utils import comm
 
 logger = logging.getLogger("detrkit.train_net")
 
-# errors whose message names the config key, checkpoint or image at fault
-USER_ERRORS = (ConfigError, CheckpointError, ImageLoadError)
+# errors whose message names the config key, file, checkpoint or image at fault
+USER_ERRORS = (ConfigError, CheckpointError, ImageLoadError, FileNotFoundError)
 
 # fast_dev_run: a short run through every hook (detrex's values)
 FAST_DEV_RUN = {"max_iter": 20, "eval_period": 10, "log_period": 1}
@@ -227,6 +228,11 @@ def do_eval_only(cfg: Any, device: torch.device) -> dict:
     )
     ema = build_ema(cfg, model) if use_ema else None
     checkpointables = {"ema_state": ema} if ema is not None else {}
+    if not cfg.train.init_checkpoint:
+        logger.warning(
+            "--eval-only without train.init_checkpoint: evaluating the initial (untrained) "
+            "weights; pass train.init_checkpoint=/path/to/model.pth"
+        )
     DetectionCheckpointer(model, **checkpointables).load(cfg.train.init_checkpoint)
     if ema is not None:
         if not ema.has_state:
@@ -291,8 +297,9 @@ if __name__ == "__main__":
     except LaunchError as e:
         _exit_with_error(str(e), code=1)
     except USER_ERRORS as e:
-        # a bad config value, checkpoint or image met while running in this process: the
+        # a bad config value, file, checkpoint or image met while running in this process: the
         # message names it; the traceback goes to log.txt only
-        logger.error("Stopped by %s", type(e).__name__, exc_info=True)
         log_file = os.path.join(cfg.train.get("output_dir", "."), "log.txt")
+        with open(log_file, "a") as f:
+            traceback.print_exc(file=f)
         _exit_with_error(f"{e} (traceback in {log_file})", code=1)
