@@ -367,6 +367,7 @@ def test_tiny_model_overfits_four_images():
         optimizer.step()
     last = total.item()
     assert last < 0.03 * first, (first, last)
+    print(f"overfit: total loss {first:.3f} -> {last:.4f}")
 
     model.eval()
     with torch.no_grad():
