@@ -133,3 +133,27 @@ def test_default_writers_without_tensorboard(tmp_path):
         assert any("tensorboard" in r.getMessage() for r in records)
     for w in writers:
         w.close()
+
+
+def test_tensorboard_writer_writes_what_the_storage_holds(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from detrkit.engine import TensorboardXWriter
+
+    rng = random.Random()
+    losses = [rng.uniform(0.1, 5.0) for _ in range(6)]
+    writer = TensorboardXWriter(str(tmp_path), window_size=1)
+    with EventStorage() as storage:
+        for iteration, loss in enumerate(losses):
+            storage.iter = iteration
+            storage.put_scalar("total_loss", loss, smoothing_hint=False)
+            if iteration % 2 == 1:
+                writer.write()  # every other iteration: only the latest value is new
+    writer.close()
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    written = [(e.step, e.value) for e in events.Scalars("total_loss")]
+    assert [step for step, _ in written] == [1, 3, 5]
+    assert [value for _, value in written] == pytest.approx([losses[1], losses[3], losses[5]])
