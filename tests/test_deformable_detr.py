@@ -380,3 +380,27 @@ def test_tiny_model_overfits_four_images():
             assert candidates.any()
             error = (predictions.pred_boxes.tensor[candidates] - box).abs().max(dim=1).values
             assert error.min() < 3.0
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr", "two_stage"])
+def test_bfloat16_autocast_training_step(variant):
+    """Under CPU autocast the attention reads bfloat16 values with float32 sampling locations,
+    and the losses and gradients stay finite."""
+    torch.manual_seed(random.randrange(2**31))
+    model = instantiate(tiny_model_config(variant).model).train()
+    seen = []
+    attention = model.transformer.encoder.layers[0].attentions[0]
+    attention.value_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = [
+        training_record(72, 96, [[4, 6, 40, 50], [30, 20, 90, 70]], [3, 1]),
+        training_record(64, 56, [[10, 12, 30, 60]], [0]),
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    total = sum(losses.values())
+    assert seen == [torch.bfloat16]
+    assert all(v.dtype == torch.float32 for v in losses.values())  # losses upcast
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
