@@ -106,6 +106,29 @@ struct AtomicSink {
   }
 };
 
+// The (batch n, query, head m) group a thread works on, G lanes per group. Out-of-range groups
+// in the last warp still take part in the shuffles, on a copy of the last group's work
+// (`active` false), and store nothing.
+struct GroupIndex {
+  int lane;
+  bool active;
+  int64_t group;
+  int64_t n;
+  int m;
+};
+
+__device__ __forceinline__ GroupIndex group_index(int64_t num_groups, int64_t Lq, int M, int G) {
+  GroupIndex index;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t wanted = thread / G;
+  index.lane = threadIdx.x & (G - 1);
+  index.active = wanted < num_groups;
+  index.group = index.active ? wanted : num_groups - 1;
+  index.n = index.group / (Lq * M);
+  index.m = static_cast<int>(index.group % M);
+  return index;
+}
+
 template <typename scalar_t, typename loc_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kForwardMinBlocks)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ spatial_shapes,
@@ -118,15 +141,12 @@ __global__ void __launch_bounds__(kBlock, kForwardMinBlocks)
   int* s_hw = reinterpret_cast<int*>(level_smem + L);
   load_level_table(spatial_shapes, level_start, L, S, s_start, s_hw);
 
-  // Out-of-range groups in the last warp still take part in the shuffles, on a copy of the
-  // last group's work, and store nothing.
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x & (G - 1);
-  const int64_t wanted = thread / G;
-  const bool active = wanted < num_groups;
-  const int64_t group = active ? wanted : num_groups - 1;
-  const int64_t n = group / (Lq * M);
-  const int m = static_cast<int>(group % M);
+  const GroupIndex index = group_index(num_groups, Lq, M, G);
+  const int lane = index.lane;
+  const bool active = index.active;
+  const int64_t group = index.group;
+  const int64_t n = index.n;
+  const int m = index.m;
   const int LP = L * P;
   const loc_t* loc_g = loc + group * LP * 2;
   const loc_t* attn_g = attn + group * LP;
@@ -181,13 +201,12 @@ __global__ void __launch_bounds__(kBlock, kBackwardMinBlocks)
   int* s_hw = reinterpret_cast<int*>(level_smem + L);
   load_level_table(spatial_shapes, level_start, L, S, s_start, s_hw);
 
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x & (G - 1);
-  const int64_t wanted = thread / G;
-  const bool active = wanted < num_groups;
-  const int64_t group = active ? wanted : num_groups - 1;
-  const int64_t n = group / (Lq * M);
-  const int m = static_cast<int>(group % M);
+  const GroupIndex index = group_index(num_groups, Lq, M, G);
+  const int lane = index.lane;
+  const bool active = index.active;
+  const int64_t group = index.group;
+  const int64_t n = index.n;
+  const int m = index.m;
   const int LP = L * P;
   const loc_t* loc_g = loc + group * LP * 2;
   const loc_t* attn_g = attn + group * LP;
