@@ -204,17 +204,6 @@ class SetCriterion(nn.Module):
         return batch_idx, src_idx
 
     @staticmethod
-    def _get_tgt_permutation_idx(
-        indices: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch_idx, target_idx) of every matched target, image after image."""
-        batch_idx = torch.cat(
-            [torch.full_like(tgt, i, dtype=torch.int64) for i, (_, tgt) in enumerate(indices)]
-        )
-        tgt_idx = torch.cat([tgt for _, tgt in indices]).to(torch.int64)
-        return batch_idx, tgt_idx
-
-    @staticmethod
     def get_num_boxes(targets: list[dict[str, torch.Tensor]], device: torch.device) -> float:
         """Target boxes per process, averaged over processes, at least 1."""
         num_boxes = torch.tensor(
