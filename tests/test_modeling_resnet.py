@@ -158,10 +158,14 @@ def test_dc5_dilates_res5_and_keeps_its_stride() -> None:
     model = _resnet(
         50, stem_out_channels=8, res2_out_channels=16, width_per_group=4, res5_dilation=2
     )
+    # torchvision's layout (the official backbone): the first res5 block is not dilated, it only
+    # loses its stride; the two after it are dilated by 2 with padding 2 (same size out)
     first = model.res5[0]
-    assert first.conv2.dilation == (2, 2) and first.conv2.padding == (2, 2)
+    assert first.conv2.dilation == (1, 1) and first.conv2.padding == (1, 1)
     assert first.conv2.stride == (1, 1) and first.shortcut.stride == (1, 1)
-    assert all(block.conv2.dilation == (2, 2) for block in model.res5)
+    for block in model.res5[1:]:
+        assert block.conv2.dilation == (2, 2) and block.conv2.padding == (2, 2)
+        assert block.conv2.stride == (1, 1)
     assert all(block.conv2.dilation == (1, 1) for block in model.res4)
     assert model.res4[0].conv2.stride == (2, 2)
 

@@ -9,7 +9,9 @@ Module tree (ResNet-50, as the `backbone` attribute of a model):
     backbone.res5.{0,1,2}
 
 Stride sits on the 3x3 conv by default (`stride_in_1x1=False`, the "v1.5" layout). With
-`res5_dilation=2` (DC5) res5 keeps stride 16 and dilates its 3x3 convs instead.
+`res5_dilation=2` (DC5) res5 keeps stride 16 and dilates its 3x3 convs instead, in the layout of the
+official code's torchvision backbone: the first res5 block keeps dilation 1, the others use 2
+(detectron2 dilates all three; the weights are the same, the features are not).
 
 Norms: every block takes `norm` = "FrozenBN" (the default: fixed statistics, for pretrained
 weights), "BN", "SyncBN", "GN", "" (none, convs get a bias) or a callable channels -> module. A
@@ -477,18 +479,21 @@ class ResNet(nn.Module):
         in_channels: int,
         out_channels: int,
         first_stride: int = 1,
+        first_block_kwargs: dict | None = None,
         **block_kwargs,
     ) -> list[nn.Module]:
         """`num_blocks` blocks; the first maps in_channels -> out_channels with `first_stride`,
-        the rest keep out_channels at stride 1. `block_kwargs` go to every block."""
+        the rest keep out_channels at stride 1. `block_kwargs` go to every block;
+        `first_block_kwargs` override them for the first block only."""
         blocks = []
         for i in range(num_blocks):
+            kwargs = {**block_kwargs, **(first_block_kwargs or {})} if i == 0 else block_kwargs
             blocks.append(
                 block_class(
                     in_channels=in_channels if i == 0 else out_channels,
                     out_channels=out_channels,
                     stride=first_stride if i == 0 else 1,
-                    **block_kwargs,
+                    **kwargs,
                 )
             )
         return blocks
@@ -513,7 +518,9 @@ class ResNet(nn.Module):
         `num_groups * width_per_group` channels at res2. Shrink them for a tiny model, e.g.
         `depth=18, stem_out_channels=16, res2_out_channels=16`.
 
-        `res5_dilation=2` (DC5) gives res5 stride 1 (overall 16) and dilation 2 on its 3x3 convs.
+        `res5_dilation=2` (DC5) gives res5 stride 1 (overall 16) and dilation 2 on the 3x3 convs of
+        all res5 blocks but the first, which keeps dilation 1 as torchvision's dilated ResNet (the
+        official Deformable DETR backbone) does.
         `stride_in_1x1` only applies to bottleneck blocks.
         """
         if depth not in _DEPTH_TO_BLOCKS:
@@ -552,6 +559,9 @@ class ResNet(nn.Module):
                     num_groups=num_groups,
                     stride_in_1x1=stride_in_1x1,
                 )
+            # torchvision dilates a stage from its second block on; the first one, which would
+            # have carried the stride, keeps the previous dilation
+            first_block_kwargs = {"dilation": 1} if dilation == 2 else None
             stages.append(
                 ResNet.make_stage(
                     block_class,
@@ -559,6 +569,7 @@ class ResNet(nn.Module):
                     in_channels=in_channels,
                     out_channels=out_channels,
                     first_stride=first_stride,
+                    first_block_kwargs=first_block_kwargs,
                     **block_kwargs,
                 )
             )
