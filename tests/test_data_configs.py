@@ -61,3 +61,16 @@ def test_shapes_config_builds_loaders_and_evaluator(tiny_shapes, tmp_path):
     evaluator = instantiate(cfg.dataloader.evaluator)
     assert isinstance(evaluator, COCOEvaluator)
     assert evaluator._dataset_name == "shapes_val"
+
+
+def test_project_configs_have_exactly_the_documented_top_level_keys():
+    # SURFACE.md: model, dataloader, optimizer, lr_multiplier, train; a loop variable or helper
+    # left at module level would become a stray sixth key of config.yaml
+    from pathlib import Path
+
+    config_dir = Path(__file__).resolve().parents[1] / "projects" / "deformable_detr" / "configs"
+    configs = sorted(config_dir.glob("*.py"))
+    assert len(configs) == 6
+    for path in configs:
+        keys = set(LazyConfig.load(str(path)).keys())
+        assert keys == {"model", "dataloader", "optimizer", "lr_multiplier", "train"}, path.name

@@ -46,13 +46,13 @@ model.neck.input_shapes = {
 model.neck.out_channels = embed_dim
 model.neck.norm_layer = L(nn.GroupNorm)(num_groups=8, num_channels=embed_dim)
 model.position_embedding.num_pos_feats = embed_dim // 2
-for part in (model.transformer.encoder, model.transformer.decoder):
-    part.embed_dim = embed_dim
-    part.num_heads = 4
-    part.feedforward_dim = 256
-    part.num_layers = 3
-    part.attn_dropout = 0.0
-    part.ffn_dropout = 0.0
+for _stack in (model.transformer.encoder, model.transformer.decoder):  # "_": not a config key
+    _stack.embed_dim = embed_dim
+    _stack.num_heads = 4
+    _stack.feedforward_dim = 256
+    _stack.num_layers = 3
+    _stack.attn_dropout = 0.0
+    _stack.ffn_dropout = 0.0
 model.embed_dim = embed_dim
 model.num_classes = 4
 model.num_queries = 50
