@@ -106,7 +106,7 @@ def default_setup(cfg: Any, args: argparse.Namespace | None) -> None:
     """Prepare this process for a run of `cfg`:
 
     - create `train.output_dir`; log to `log.txt` (rank 0) or `log.txt.rankN` (others) there,
-      for the `detrkit` and `fvcore` loggers;
+      for the `detrkit`, `projects` and `fvcore` loggers;
     - log the environment, the command line and the config file;
     - save the full config as `config.yaml` (rank 0);
     - seed python/numpy/torch with `train.seed` + rank (`train.seed` < 0 or null: a random
@@ -119,6 +119,7 @@ def default_setup(cfg: Any, args: argparse.Namespace | None) -> None:
         _path_manager.mkdirs(output_dir)
 
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank, name="projects")  # the models' modules
     logger = setup_logger(output_dir, distributed_rank=rank, name="detrkit")
 
     logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
