@@ -20,7 +20,7 @@ VARIANT_CONFIGS = {
     "single_scale": "deformable_detr_r50_single_scale_50ep.py",
     "single_scale_dc5": "deformable_detr_r50_single_scale_dc5_50ep.py",
     "deformable_detr": "deformable_detr_r50_50ep.py",
-    "refine": "deformable_detr_r50_with_box_refine_50ep.py",
+    "refine": "deformable_detr_r50_with_box_refinement_50ep.py",
     "two_stage": "deformable_detr_r50_two_stage_50ep.py",
 }
 # MODEL.md: trainable parameters of the official checkpoints (91-way class heads; the official

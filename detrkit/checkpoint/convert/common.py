@@ -74,7 +74,8 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "refine", "+ iterative box refinement",
-            f"{_CONFIGS}/deformable_detr_r50_with_box_refine_50ep.py", 4, False, True, False, 46.2,
+            f"{_CONFIGS}/deformable_detr_r50_with_box_refinement_50ep.py",
+            4, False, True, False, 46.2,
         ),
         Variant(
             "two_stage", "++ two-stage", f"{_CONFIGS}/deformable_detr_r50_two_stage_50ep.py",
