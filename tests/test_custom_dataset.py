@@ -88,12 +88,31 @@ def test_custom_dataset_trains_and_evaluates_with_its_own_ids(custom_config, tmp
     assert "num_classes: ${..num_classes}" in saved  # the criterion follows model.num_classes
 
 
-def test_too_few_classes_in_the_model_is_one_clear_error(custom_config, tmp_path):
+@pytest.mark.parametrize("num_classes", [3, 5])
+def test_a_class_count_other_than_the_datasets_is_one_clear_error(
+    custom_config, tmp_path, num_classes
+):
+    # too few outputs cannot express the dataset; too many would yield labels the evaluator
+    # cannot map to a category at the first evaluation: both stop before training starts
     result = train_net(
-        custom_config, f"train.output_dir={tmp_path}", "train.max_iter=2", "model.num_classes=3"
+        custom_config,
+        f"train.output_dir={tmp_path}",
+        "train.max_iter=2",
+        f"model.num_classes={num_classes}",
     )
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
-    assert "dataset 'my_train' has 4 classes but model.num_classes=3" in message
+    assert f"dataset 'my_train' has 4 classes but model.num_classes={num_classes}" in message
     assert "set model.num_classes=4" in message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_eval_only_with_a_wrong_class_count_is_one_clear_error(custom_config, tmp_path):
+    result = train_net(
+        custom_config, "--eval-only", f"train.output_dir={tmp_path}", "model.num_classes=6"
+    )
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "dataset 'my_val' has 4 classes but model.num_classes=6" in message
     assert "Traceback" not in result.stderr

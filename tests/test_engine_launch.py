@@ -15,7 +15,7 @@ import pytest
 
 from detrkit.engine import default_argument_parser, launch
 from detrkit.engine.cli import default_dist_url
-from detrkit.engine.launch import check_launch_args, first_slurm_host
+from detrkit.engine.launch import check_launch_args, first_slurm_host, resolve_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE = REPO_ROOT / "tests" / "toy" / "dist_probe.py"
@@ -89,6 +89,41 @@ def test_check_launch_args_messages(monkeypatch):
         check_launch_args(2, dist_url="auto")
     with pytest.raises(ValueError, match=r"--num-gpus 2"):
         launch(lambda: None, 2, dist_url="auto")
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_backend() == "gloo" and resolve_backend("gloo") == "gloo"
+    with pytest.raises(ValueError, match=r"backend 'nccl' needs CUDA"):
+        resolve_backend("nccl")
+    with pytest.raises(ValueError, match=r"backend 'mpi' is not valid; accepted: 'nccl'"):
+        resolve_backend("mpi")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert resolve_backend() == "nccl" and resolve_backend("gloo") == "gloo"
+
+
+def test_gloo_processes_on_a_gpu_machine(monkeypatch):
+    # CPU processes asked for on a machine with one GPU: more of them than GPUs is fine, and the
+    # workers are started with gloo rather than NCCL
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    check_launch_args(3, dist_url="auto", backend="gloo")
+    started = {}
+
+    def fake_start_processes(fn, args, nprocs, **kwargs):
+        started.update(nprocs=nprocs, backend=args[4])
+
+    monkeypatch.setattr("torch.multiprocessing.start_processes", fake_start_processes)
+    launch(lambda: None, 3, dist_url="auto", backend="gloo")
+    assert started == {"nprocs": 3, "backend": "gloo"}
+    with pytest.raises(ValueError, match=r"--num-gpus 2 asks for more processes"):
+        launch(lambda: None, 2, dist_url="auto")  # the default on a GPU machine: NCCL
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    launch(lambda: None, 2, dist_url="auto")
+    assert started == {"nprocs": 2, "backend": "nccl"}
 
 
 @pytest.mark.parametrize(

@@ -257,6 +257,23 @@ def test_cli_errors_name_what_is_wrong(train_net_module, capsys, tmp_path):
     train_net_module.check_args(default_args(cfg))
 
 
+def test_cpu_device_launches_gloo_processes_on_a_gpu_machine(train_net_module, capsys, monkeypatch):
+    # a machine with one GPU: --num-gpus 2 is too many NCCL processes, but with train.device=cpu
+    # they are gloo CPU processes and need no GPU each
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    cfg = str(TOY_CFG)
+    argv = ["--config-file", cfg, "--num-gpus", "2", "train.device=cuda"]
+    err = _check_error(train_net_module, capsys, argv)
+    assert "--num-gpus 2 asks for more processes than the 1" in err
+    args = default_args(cfg)
+    args.num_gpus, args.opts = 2, ["train.device=cpu"]
+    loaded = train_net_module.check_args(args)
+    assert train_net_module.launch_backend(loaded) == "gloo"
+    loaded.train.device = "cuda"
+    assert train_net_module.launch_backend(loaded) is None  # launch picks NCCL
+
+
 def default_args(cfg: str):
     from detrkit.engine import default_argument_parser
 

@@ -91,27 +91,19 @@ def _dataset_names(cfg: Any, split: str) -> list[str]:
 
 def check_num_classes(cfg: Any, split: str) -> None:
     """`model.num_classes` is the one place a class count is set (the criterion interpolates it,
-    the evaluator reads the dataset's metadata); fail early when the dataset has more classes
-    than the head can predict, naming both settings."""
+    the evaluator reads the dataset's metadata); fail early when it differs from the dataset's,
+    naming both settings. Too few outputs cannot express the dataset; too many produce labels
+    the evaluator cannot map back to a category, which would only surface at the first
+    evaluation."""
     num_classes = cfg.model.get("num_classes", None) if "model" in cfg else None
     if not isinstance(num_classes, int):
         return
     for name in _dataset_names(cfg, split):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is None:
-            continue
-        if len(classes) > num_classes:
+        if classes is not None and len(classes) != num_classes:
             raise ConfigError(
                 f"dataset '{name}' has {len(classes)} classes but model.num_classes={num_classes}; "
                 f"set model.num_classes={len(classes)} (the criterion and evaluator follow it)"
-            )
-        if len(classes) < num_classes:
-            logger.warning(
-                "dataset '%s' has %d classes but model.num_classes=%d: the extra outputs are "
-                "never trained as positives",
-                name,
-                len(classes),
-                num_classes,
             )
 
 
@@ -130,6 +122,13 @@ def resolve_device(cfg: Any) -> torch.device:
         # launch() set this process's GPU; name it so that nothing lands on cuda:0
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
+
+
+def launch_backend(cfg: Any) -> str | None:
+    """gloo for `train.device=cpu` (CPU processes, also on a machine with GPUs); otherwise None,
+    which lets `launch` pick NCCL when CUDA is available."""
+    device = str(cfg.train.get("device", "cuda") or "cuda")
+    return "gloo" if device.startswith("cpu") else None
 
 
 def build_ema(cfg: Any, model: torch.nn.Module) -> ModelEMA | None:
@@ -274,9 +273,15 @@ def check_args(args) -> Any:
     if not args.config_file:
         _exit_with_error("the following argument is required: --config-file FILE")
     try:
-        check_launch_args(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
         cfg = load_config(args)
         check_config(cfg, args)
+        check_launch_args(
+            args.num_gpus,
+            args.num_machines,
+            args.machine_rank,
+            args.dist_url,
+            backend=launch_backend(cfg),
+        )
     except (ConfigError, ValueError) as e:
         _exit_with_error(str(e))
     return cfg
@@ -293,6 +298,7 @@ if __name__ == "__main__":
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(args,),
+            backend=launch_backend(cfg),
         )
     except LaunchError as e:
         _exit_with_error(str(e), code=1)

@@ -4,7 +4,8 @@
 
 - in this process, without a process group, when the world size is 1;
 - in `num_gpus_per_machine` spawned processes per machine otherwise, joined into one process
-  group: NCCL with one GPU per process when CUDA is available, gloo CPU processes when it is not;
+  group: NCCL with one GPU per process when CUDA is available, gloo CPU processes when it is not
+  or when `backend="gloo"` asks for them (a CPU run on a GPU machine);
 - under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) or a SLURM job step of several tasks
   (SLURM_PROCID, SLURM_NTASKS > 1, SLURM_LOCALID), in this process with the rank and world size
   the environment gives: the environment wins over the command-line counts, nothing is spawned.
@@ -35,7 +36,7 @@ import torch.multiprocessing as mp
 
 from detrkit.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "LaunchError", "check_launch_args", "launch"]
+__all__ = ["DEFAULT_TIMEOUT", "LaunchError", "check_launch_args", "launch", "resolve_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,30 @@ def _slurm_env() -> bool:
     return int(os.environ["SLURM_NTASKS"]) > 1
 
 
+def resolve_backend(backend: str | None = None) -> str:
+    """The process-group backend: `backend` if given ("nccl" or "gloo"), else NCCL when CUDA is
+    available and gloo when it is not."""
+    if backend is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(
+            f"launch: backend {backend!r} is not valid; accepted: 'nccl' (one GPU per process), "
+            "'gloo' (CPU processes) or None (nccl when CUDA is available, else gloo)"
+        )
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("launch: backend 'nccl' needs CUDA, which is not available; use 'gloo'")
+    return backend
+
+
 def check_launch_args(
     num_gpus_per_machine: int,
     num_machines: int = 1,
     machine_rank: int = 0,
     dist_url: str | None = None,
+    backend: str | None = None,
 ) -> None:
-    """Raise ValueError with a one-line message for process counts or URLs that cannot work."""
+    """Raise ValueError with a one-line message for process counts, URLs or a backend that
+    cannot work."""
     if int(num_gpus_per_machine) < 1:
         raise ValueError(f"--num-gpus {num_gpus_per_machine} is not valid; accepted: >= 1")
     if int(num_machines) < 1:
@@ -87,7 +105,7 @@ def check_launch_args(
         return  # the environment decides
     if num_gpus_per_machine * num_machines == 1:
         return
-    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
+    if resolve_backend(backend) == "nccl" and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(
             f"--num-gpus {num_gpus_per_machine} asks for more processes than the "
             f"{torch.cuda.device_count()} visible CUDA device(s); accepted: 1 .. "
@@ -118,15 +136,17 @@ def launch(
     dist_url: str | None = None,
     args: tuple = (),
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    backend: str | None = None,
 ) -> None:
     """Run `main_func(*args)` on every process of the job (see the module docstring).
 
     Args:
-        num_gpus_per_machine: processes per machine (GPUs, or CPU processes without CUDA).
+        num_gpus_per_machine: processes per machine (GPUs, or CPU processes with gloo).
         num_machines, machine_rank: for jobs over several machines.
         dist_url: the process group's init URL; "auto" picks a free port (one machine only);
             None uses `tcp://127.0.0.1:<free port>` on one machine.
         timeout: for collective operations.
+        backend: "nccl", "gloo" or None (nccl when CUDA is available, else gloo).
     """
     if _torchrun_env() or _slurm_env():
         source = "torchrun" if _torchrun_env() else "slurm"
@@ -142,10 +162,10 @@ def launch(
                 source,
                 env_world,
             )
-        _run_from_env(main_func, args, timeout, source=source, dist_url=dist_url)
+        _run_from_env(main_func, args, timeout, source, dist_url, resolve_backend(backend))
         return
 
-    check_launch_args(num_gpus_per_machine, num_machines, machine_rank, dist_url)
+    check_launch_args(num_gpus_per_machine, num_machines, machine_rank, dist_url, backend)
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         main_func(*args)
@@ -160,7 +180,7 @@ def launch(
                 "--dist-url %s points at this machine while using several machines", dist_url
             )
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend)
     # failing workers leave a note here (time, error), so that the rank that failed first (the
     # cause) can be told from the ranks that then lost their peer
     with tempfile.TemporaryDirectory(prefix="detrkit-launch-") as failure_dir:
@@ -253,7 +273,8 @@ def _run_from_env(
     args: tuple,
     timeout: datetime.timedelta,
     source: str,
-    dist_url: str | None = None,
+    dist_url: str | None,
+    backend: str,
 ) -> None:
     """One process of a job started by torchrun or SLURM: ranks come from the environment."""
     if source == "torchrun":
@@ -290,7 +311,6 @@ def _run_from_env(
     if world_size == 1:
         main_func(*args)
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
         _init_process_group(backend, init_method, world_size, rank, local_rank, timeout)
         # machines are told apart by the key each rank reports (node rank or host name)
