@@ -283,6 +283,13 @@ def test_bad_images_are_rejected_with_clear_errors(tiny_refine_model):
         model([{"file_name": "x.jpg"}])
 
 
+def test_two_stage_without_box_refinement_is_refused_at_construction():
+    cfg = tiny_model_config("two_stage")
+    cfg.model.with_box_refine = False
+    with pytest.raises(ValueError, match=r"as_two_stage=True needs with_box_refine=True"):
+        instantiate(cfg.model)
+
+
 def test_training_inputs_checks(tiny_refine_model):
     model = tiny_refine_model.train()
     with pytest.raises(ValueError, match=r"class ids \[4\].*0\.\.3"):

@@ -23,8 +23,6 @@ from detrkit.layers import MLP, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_
 from detrkit.structures import Boxes, ImageList, Instances
 from detrkit.utils.logger import log_first_n
 
-logger = logging.getLogger(__name__)
-
 
 class DeformableDETR(nn.Module):
     def __init__(
@@ -65,9 +63,12 @@ class DeformableDETR(nn.Module):
         if num_classes < 1:
             raise ValueError(f"DeformableDETR: num_classes must be >= 1, got {num_classes}")
         if as_two_stage and not with_box_refine:
-            logger.warning(
-                "DeformableDETR: as_two_stage=True without with_box_refine is not one of the "
-                "paper's variants (two-stage is evaluated with box refinement)"
+            # the encoder's proposal head is the extra head box refinement builds (the official
+            # code fails at the first forward without it)
+            raise ValueError(
+                "DeformableDETR: as_two_stage=True needs with_box_refine=True (the paper's "
+                "'++ two-stage' variant); set model.with_box_refine=True or "
+                "model.as_two_stage=False"
             )
         self.backbone = backbone
         self.position_embedding = position_embedding
