@@ -107,6 +107,23 @@ def test_console_line_format():
     assert float(match.group(7)) == pytest.approx(np.mean(times[-20:]), rel=1e-3)
 
 
+@pytest.mark.parametrize("cuda_in_use", [False, True])
+def test_console_line_shows_gpu_memory_only_when_cuda_is_used(monkeypatch, cuda_in_use):
+    # a CPU run on a GPU machine: CUDA is available but never initialised, no max_mem
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: cuda_in_use)
+    monkeypatch.setattr("torch.cuda.max_memory_allocated", lambda *a, **k: 1234 * 1024 * 1024)
+    printer = CommonMetricPrinter(max_iter=10)
+    with EventStorage() as storage:
+        storage.iter = 3
+        storage.put_scalars(total_loss=1.0, time=0.1, data_time=0.01)
+        with capture_logs("detrkit.engine") as records:
+            printer.write()
+    line = [r for r in records if r.name == "detrkit.engine"][-1].getMessage()
+    assert line.endswith("max_mem: 1234M") == cuda_in_use, line
+    assert ("max_mem" in line) == cuda_in_use, line
+
+
 def test_printer_skips_the_write_after_training():
     printer = CommonMetricPrinter(max_iter=10)
     with EventStorage() as storage, capture_logs("detrkit.engine") as records:

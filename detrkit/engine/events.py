@@ -279,7 +279,7 @@ lr: 0.0001  max_mem: 10240M
         )
         lr = f"lr: {histories['lr'].latest():.5g}  " if "lr" in histories else ""
         memory = ""
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # not for a CPU run on a machine that has a GPU
             max_mem_mb = torch.cuda.max_memory_allocated() / 1024.0 / 1024.0
             memory = f"max_mem: {max_mem_mb:.0f}M"
 
