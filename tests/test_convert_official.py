@@ -78,14 +78,18 @@ def synthetic_official_state(official_shapes: dict) -> dict[str, torch.Tensor]:
 
 
 def expected_detrex_values(fixture_variant, official_state, coco_ids) -> dict[str, torch.Tensor]:
-    """What every detrex key must hold, straight from the fixture's pairing of the two lists."""
+    """What every detrex key must hold, straight from the fixture's pairing of the two lists.
+    Class heads keep the rows of the COCO ids; two-stage's proposal head (`class_embed.6`, its
+    labels all 0 in training) keeps its objectness row 0 in place of the first id's row."""
     rows = torch.tensor(coco_ids)
+    proposal_rows = torch.tensor([0, *coco_ids[1:]])
     expected = {}
     pairs = zip(fixture_variant["official"].items(), fixture_variant["detrex"].items())
     for (official_key, official_shape), (detrex_key, detrex_shape) in pairs:
         value = official_state[official_key]
         if official_shape[0] == 91 and detrex_shape[0] == 80:
-            value = value[rows]
+            is_proposal_head = official_key.split("class_embed.")[-1].startswith("6.")
+            value = value[proposal_rows if is_proposal_head else rows]
         assert list(value.shape) == detrex_shape
         expected[detrex_key] = value
     return expected
@@ -237,15 +241,22 @@ def test_official_checkpoint_converts_and_loads_exactly(
         assert torch.equal(model.neck.convs[0].conv.weight, official["input_proj.0.0.weight"])
 
     # class rows: head k's bias was r + 1000 k at official row r, so the kept entries read back
-    # the fixture's category ids, in order (two-stage's seventh head included)
+    # the fixture's category ids, in order
     ids = torch.tensor(coco_ids, dtype=torch.float32)
     refine = VARIANTS[variant].with_box_refine
-    for k, head in enumerate(model.class_embed):
+    detection_heads = model.class_embed[:6]
+    for k, head in enumerate(detection_heads):
         assert torch.equal(head.bias, ids + (1000 * k if refine else 0)), k
         assert torch.equal(head.weight, official[f"class_embed.{k}.weight"][coco_ids])
     if VARIANTS[variant].as_two_stage:
+        # the proposal head: official row 0 (objectness: every label is 0 in its loss) must
+        # stay row 0, which the model's top-k reads; the category rows follow it
         assert len(model.class_embed) == 7
-        assert torch.equal(model.transformer.decoder.class_embed[6].bias, ids + 6000)
+        proposal_rows = [0, *coco_ids[1:]]
+        expected = torch.tensor(proposal_rows, dtype=torch.float32) + 6000
+        for head in (model.class_embed[6], model.transformer.decoder.class_embed[6]):
+            assert torch.equal(head.bias, expected)
+            assert torch.equal(head.weight, official["class_embed.6.weight"][proposal_rows])
     output.unlink()
     source.unlink()
 

@@ -255,6 +255,29 @@ def test_opcheck(value_dtype, loc_dtype, gen):
     torch.library.opcheck(torch.ops.detrkit.ms_deform_attn_forward.default, tuple(inputs))
 
 
+def test_double_backward_is_an_error_not_silently_wrong(gen):
+    inputs = make_inputs(gen, ((4, 3), (2, 2)), N=1, M=2, D=3, Lq=2, P=2)
+    for i in (0, 3, 4):
+        inputs[i].requires_grad_()
+    out = ms_deform_attn(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), [inputs[0], inputs[3]], create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
+        penalty.backward()
+    # the reference, differentiable to any order, is the way to get them
+    out = ms_deform_attn_reference(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), [inputs[0], inputs[3]], create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+    assert inputs[3].grad is not None and torch.isfinite(inputs[3].grad).all()
+
+
+def test_meta_tensors_give_the_output_shape(gen):
+    # shape inference on the meta device (e.g. building or FLOP-counting a model without memory)
+    inputs = make_inputs(gen, ((4, 3), (2, 2)), N=2, M=2, D=3, Lq=5, P=2, dtype=torch.float32)
+    out = ms_deform_attn(*[t.to("meta") for t in inputs])
+    assert out.device.type == "meta" and out.shape == (2, 5, 6) and out.dtype == torch.float32
+
+
 class SmallDeformable(torch.nn.Module):
     """A module that predicts locations and weights and calls the operator."""
 

@@ -446,6 +446,21 @@ def _backward(ctx, grad_output: Tensor) -> tuple:
 torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
 
 
+def _double_backward(ctx, *grads: Tensor) -> tuple:
+    raise RuntimeError(
+        "ms_deform_attn: double backward (gradients of its gradients, e.g. create_graph=True "
+        "for a gradient penalty) is not supported; use ms_deform_attn_reference, which is "
+        "differentiable to any order"
+    )
+
+
+# Without a formula, autograd would treat the gradients as constants and return silently
+# wrong second-order gradients; this makes that case an error.
+torch.library.register_autograd(
+    _BACKWARD, _double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
 def ms_deform_attn_backend(device: torch.device | str) -> str:
     """Which implementation serves tensors on `device`: "cpu-kernel", "cuda-kernel" or
     "reference" (the pure-PyTorch one)."""
@@ -469,7 +484,7 @@ def ms_deform_attn(
     _check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if not _is_tracing(value, spatial_shapes):
         _check_level_data(spatial_shapes, level_start_index, value.shape[1])
-    if value.device.type not in ("cpu", "cuda"):
+    if value.device.type not in ("cpu", "cuda", "meta"):  # meta: shapes from the fake kernel
         _log_reference_use(value.device)
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights

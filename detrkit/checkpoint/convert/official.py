@@ -360,6 +360,12 @@ def convert_official(
             f"{num_classes}"
         )
 
+    # Two-stage's proposal head (the seventh) is trained with every label set to 0: its row 0
+    # is the objectness logit that picks the proposals, the model reads no other row. Keeping
+    # the category rows would put row 1 (person, only ever a negative there) in that place.
+    proposal_head = f"class_embed.{NUM_DECODER_LAYERS}." if as_two_stage else None
+    proposal_rows = None if rows is None else torch.cat((rows.new_zeros(1), rows[1:]))
+
     converted: dict[str, torch.Tensor] = {}  # canonical official key -> converted tensor
 
     def value_of(key: str) -> torch.Tensor:
@@ -367,7 +373,8 @@ def convert_official(
         if canonical not in converted:
             value = state[canonical]
             if rows is not None and _CLASS_HEAD.fullmatch(canonical):
-                value = value.index_select(0, rows)
+                is_proposal_head = proposal_head and canonical.startswith(proposal_head)
+                value = value.index_select(0, proposal_rows if is_proposal_head else rows)
             converted[canonical] = value
         return converted[canonical]
 
@@ -381,6 +388,7 @@ def convert_official(
         notes.append(
             f"class heads: kept the rows of the 80 COCO category ids (of {num_classes}) in "
             f"{len(class_keys)} tensors"
+            + ("; the proposal head keeps its objectness row 0 first" if as_two_stage else "")
         )
     else:
         notes.append(f"class heads: kept all {num_classes} rows (--keep-all-classes)")
