@@ -353,3 +353,46 @@ def test_user_errors(tmp_path, registered):
     assert COCOEvaluator([name])._dataset_name == name
     with pytest.raises(ValueError, match="one dataset"):
         COCOEvaluator([name, name])
+
+
+def test_hand_written_ground_truth_without_area_and_an_empty_box(tmp_path, registered, caplog):
+    # a hand-written file: no 'area' keys, and one box of zero width. It stays a ground-truth
+    # object (as pycocotools counts it when area is given), with a warning naming the file.
+    images = [(1, 100, 100), (2, 100, 100)]
+    annotations = [(1, 1, [10.0, 10.0, 30.0, 30.0]), (2, 5, [50.0, 50.0, 0.0, 20.0])]
+    gt = _write_gt(tmp_path / "gt.json", images, annotations)
+    data = json.loads(gt.read_text())
+    for ann in data["annotations"]:
+        del ann["area"]
+    gt.write_text(json.dumps(data))
+    name = registered(gt)
+    preds = [
+        _prediction(100, 100, [[10, 10, 40, 40]], [0.9], [0]),
+        _prediction(100, 100, [[50, 50, 51, 70]], [0.8], [1]),
+    ]
+    with caplog.at_level(logging.WARNING):
+        result = _evaluate(name, images, preds)["bbox"]
+    assert "gt.json: 1 ground-truth boxes have zero or negative width/height" in caplog.text
+    # the oracle: pycocotools on the file with the areas w * h written in by hand (0 for the
+    # empty box), and the same results in XYWH
+    for ann in data["annotations"]:
+        ann["area"] = max(ann["bbox"][2], 0) * max(ann["bbox"][3], 0)
+    oracle_gt = tmp_path / "oracle.json"
+    oracle_gt.write_text(json.dumps(data))
+    raw = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9},
+        {"image_id": 2, "category_id": 5, "bbox": [50, 50, 1, 20], "score": 0.8},
+    ]
+    stats = _pycocotools_stats(oracle_gt, raw)
+    assert result["AP"] == pytest.approx(100 * stats[0], abs=1e-9)
+    assert result["AP-ant"] == pytest.approx(100.0) and result["AP-bee"] == pytest.approx(0.0)
+
+
+def test_ground_truth_box_that_is_not_4_numbers_names_file_and_annotation(tmp_path, registered):
+    gt = _write_gt(tmp_path / "gt.json", [(1, 100, 100)], [(1, 1, [10.0, 10.0, 30.0, 30.0])])
+    data = json.loads(gt.read_text())
+    data["annotations"][0]["bbox"] = [10.0, 10.0, 30.0]
+    gt.write_text(json.dumps(data))
+    name = registered(gt)
+    with pytest.raises(ValueError, match=r"gt\.json: annotation id 1 \(image_id 1\): bbox"):
+        _evaluate(name, [(1, 100, 100)], [_prediction(100, 100, [[0, 0, 5, 5]], [1.0], [0])])

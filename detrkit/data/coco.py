@@ -101,33 +101,62 @@ def _coco_from_dict(dataset: dict) -> COCO:
     return coco
 
 
-def load_coco_api(json_file: str) -> COCO:
+def load_coco_api(json_file: str, check_boxes: bool = False) -> COCO:
     """Load a COCO json with pycocotools, with readable errors for malformed files.
 
-    Ground-truth annotations lacking `area` or `iscrowd` (hand-written files) get `area = w * h`
-    and `iscrowd = 0`, which is what COCOeval needs.
+    Ground-truth annotations lacking `area` or `iscrowd` (hand-written files) get
+    `area = w * h` (0 for an empty box) and `iscrowd = 0`, which is what COCOeval needs.
+    With `check_boxes` (ground truth for evaluation), a bbox that is not 4 finite numbers is an
+    error naming the file and annotation, and boxes of zero or negative size get one warning:
+    COCOeval counts them as objects that no detection can match.
     """
     json_file = os.fspath(json_file)
     dataset = read_json(json_file)
     _check_coco_layout(dataset, json_file)
     dataset.setdefault("annotations", [])
+    empty_boxes = []
     for ann in dataset["annotations"]:
-        if "area" not in ann and _box_problem(ann.get("bbox")) is None:
-            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        box = _box_numbers(ann.get("bbox"))
+        if box is None and check_boxes:
+            raise ValueError(
+                f"Annotation file {json_file}: annotation id {ann.get('id')!r} (image_id "
+                f"{ann.get('image_id')!r}): {_box_problem(ann.get('bbox'))}; evaluation needs "
+                "a bbox [x, y, width, height] of 4 finite numbers for every annotation"
+            )
+        if box is not None and (box[2] <= 0 or box[3] <= 0):
+            empty_boxes.append(ann)
+        if "area" not in ann and box is not None:
+            ann["area"] = max(box[2], 0.0) * max(box[3], 0.0)
         ann.setdefault("iscrowd", 0)
+    if check_boxes and empty_boxes:
+        example = empty_boxes[0]
+        logger.warning(
+            "Annotation file %s: %d ground-truth boxes have zero or negative width/height (e.g. "
+            "annotation id %r, bbox %r); COCOeval counts them as objects no detection can match",
+            json_file,
+            len(empty_boxes),
+            example.get("id"),
+            example.get("bbox"),
+        )
     return _coco_from_dict(dataset)
+
+
+def _box_numbers(bbox: Any) -> list[float] | None:
+    """`bbox` as 4 finite floats, or None when it is not that."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        values = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 def _box_problem(bbox: Any) -> str | None:
     """Why `bbox` (COCO XYWH) is not a usable box, or None when it is fine."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return f"bbox {bbox!r} is not 4 numbers"
-    try:
-        values = [float(v) for v in bbox]
-    except (TypeError, ValueError):
-        return f"bbox {bbox!r} is not 4 numbers"
-    if not all(math.isfinite(v) for v in values):
-        return f"bbox {bbox!r} has a non-finite value"
+    values = _box_numbers(bbox)
+    if values is None:
+        return f"bbox {bbox!r} is not 4 finite numbers"
     if values[2] <= 0 or values[3] <= 0:
         return f"bbox {bbox!r} has zero or negative width/height"
     return None

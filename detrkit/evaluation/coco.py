@@ -276,7 +276,7 @@ class COCOEvaluator(DatasetEvaluator):
             convert_to_coco_json(
                 self._dataset_name, json_file, allow_cached=self._allow_cached_coco
             )
-        self._coco_api = load_coco_api(json_file)
+        self._coco_api = load_coco_api(json_file, check_boxes=True)
         return self._coco_api
 
     # -- DatasetEvaluator ----------------------------------------------------------------
