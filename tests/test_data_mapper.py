@@ -151,6 +151,19 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
             np.testing.assert_array_equal(image[:, :, c], gray)
 
 
+@pytest.mark.parametrize("format", ["RGB", "L"])
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, format):
+    rng = np.random.default_rng()
+    gray = rng.integers(0, 256, size=(12, 16), dtype=np.uint8)
+    expected = gray[:, :, None] if format == "L" else np.stack([gray] * 3, axis=2)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(wide)  # 16-bit, full range
+    np.testing.assert_array_equal(read_image(wide, format=format), expected)
+    fraction = tmp_path / "fraction.tiff"
+    Image.fromarray(gray.astype(np.float32) / 255.0, mode="F").save(fraction)  # float in [0, 1]
+    np.testing.assert_array_equal(read_image(fraction, format=format), expected)
+
+
 def test_missing_image_names_file_and_image_id(tmp_path):
     record = _record(tmp_path / "gone.jpg", 10, 10, image_id=4242)
     with pytest.raises(FileNotFoundError) as info:

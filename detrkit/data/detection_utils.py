@@ -80,12 +80,19 @@ def convert_PIL_to_numpy(image: Image.Image, format: str) -> np.ndarray:
     _check_format(format)
     target = "L" if format == "L" else "RGB"
     if image.mode != target:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") and target == "RGB":
-            # 16-bit / float images: scale to 8 bits instead of letting PIL clip at 255
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit / float images: scale to 8 bits instead of letting PIL clip at 255; values
+            # above 255 are read as 16-bit (0..65535), float images within [0, 1] as fractions
             array = np.asarray(image, dtype=np.float64)
-            peak = array.max() if array.size and array.max() > 0 else 1.0
-            scale = 255.0 / 65535.0 if peak > 255 else 1.0
-            image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
+            peak = array.max() if array.size else 0.0
+            if peak > 255:
+                scale = 255.0 / 65535.0
+            elif image.mode == "F" and peak <= 1.0:
+                scale = 255.0
+            else:
+                scale = 1.0
+            array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+            image = Image.fromarray(array, mode="L")
         image = image.convert(target)
     array = np.asarray(image, dtype=np.uint8)
     if format == "L":
