@@ -396,3 +396,15 @@ def test_ground_truth_box_that_is_not_4_numbers_names_file_and_annotation(tmp_pa
     name = registered(gt)
     with pytest.raises(ValueError, match=r"gt\.json: annotation id 1 \(image_id 1\): bbox"):
         _evaluate(name, [(1, 100, 100)], [_prediction(100, 100, [[0, 0, 5, 5]], [1.0], [0])])
+
+
+def test_images_that_never_reached_the_evaluator_are_reported(tmp_path, registered, caplog):
+    images = [(1, 100, 100), (2, 100, 100), (3, 100, 100)]
+    annotations = [(i, 1, [10.0, 10.0, 30.0, 30.0]) for i, _, _ in images]
+    name = registered(_write_gt(tmp_path / "gt.json", images, annotations))
+    perfect = _prediction(100, 100, [[10, 10, 40, 40]], [0.9], [0])
+    with caplog.at_level(logging.WARNING):
+        result = _evaluate(name, images[:1], [perfect])["bbox"]  # image 2 and 3 left out
+    assert "2 of 3 images" in caplog.text and "Image ids: [2, 3]" in caplog.text
+    # their objects are misses: recall 1/3 at every threshold, precision 1 up to it
+    assert result["AP"] == pytest.approx(100 * 34 / 101, abs=1e-6)

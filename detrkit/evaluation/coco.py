@@ -376,6 +376,18 @@ class COCOEvaluator(DatasetEvaluator):
                 f"COCOEvaluator: predictions for image ids {sorted(unknown)[:5]} that are not in "
                 f"the ground truth of {self._dataset_name!r} ({self._metadata.get('json_file')})"
             )
+        evaluated = known_images if img_ids is None else set(img_ids)
+        unseen = sorted(evaluated - {p["image_id"] for p in predictions})
+        if unseen and predictions:
+            logger.warning(
+                "COCOEvaluator: %d of %d images of %r never reached the evaluator (left out as "
+                "bad images, or a test loader over part of the dataset); COCOeval counts their "
+                "objects as misses. Image ids: %s",
+                len(unseen),
+                len(evaluated),
+                self._dataset_name,
+                unseen[:5] + (["..."] if len(unseen) > 5 else []),
+            )
         class_names = self._metadata.get("thing_classes")
         logger.info("Evaluating predictions with pycocotools COCOeval (bbox) ...")
         metrics, report = evaluate_box_predictions(
