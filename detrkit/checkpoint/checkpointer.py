@@ -71,7 +71,11 @@ def _numpy_safe_globals() -> list[Any]:
     dtypes = [
         type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")
     ]
-    return [core.multiarray.scalar, np.dtype, *dtypes]
+    allowed: list[Any] = [core.multiarray.scalar, np.dtype, *dtypes]
+    if core is not getattr(np, "core", None):
+        # numpy >= 2 keeps them in numpy._core; files written under numpy 1.x name numpy.core
+        allowed.append((core.multiarray.scalar, "numpy.core.multiarray.scalar"))
+    return allowed
 
 
 _TORCH_SAFE_GLOBALS = [argparse.Namespace, *_numpy_safe_globals()]
@@ -250,12 +254,14 @@ def summarize_keys(keys: Iterable[str], max_lines: int = 20) -> list[str]:
     keys = sorted(set(keys))
     if not keys:
         return []
-    leaf_groups: dict[str, list[str]] = defaultdict(list)
+    # (prefix, whether the keys continue after it) -> last components; a key without a dot
+    # is its own group, so `a` is not hidden by `a.b`
+    leaf_groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
     for key in keys:
         head, dot, tail = key.rpartition(".")
-        leaf_groups[head if dot else key].extend([tail] if dot else [])
+        leaf_groups[(head, True) if dot else (key, False)].extend([tail] if dot else [])
     if len(leaf_groups) <= max_lines:
-        return [_leaf_group_line(head, tails) for head, tails in leaf_groups.items()]
+        return [_leaf_group_line(head, tails) for (head, _), tails in leaf_groups.items()]
 
     split = [tuple(key.split(".")) for key in keys]
     groups: dict[tuple[str, ...], list[tuple[str, ...]]] = defaultdict(list)
