@@ -583,6 +583,33 @@ def test_default_optimizer_params_assigns_hyperparameters():
     assert len(keys) == len(set(keys))
 
 
+def test_official_recipe_override_of_the_lr_factor_function():
+    # the command line in deformable_detr_r50_50ep.py's docstring gives the function by name
+    cfg = LazyConfig.load("projects/deformable_detr/configs/deformable_detr_r50_50ep.py")
+    LazyConfig.apply_overrides(
+        cfg,
+        [
+            "optimizer.lr=2e-4",
+            "optimizer.params.lr_factor_func=detrkit.engine.optimizer.deformable_detr_lr_factor",
+        ],
+    )
+    model = _TinyDetector()
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr[id(model.sampling_offsets.weight)] == pytest.approx(2e-5)
+    assert lr[id(model.backbone[0].weight)] == pytest.approx(2e-5)
+    assert lr[id(model.head.weight)] == pytest.approx(2e-4)
+
+    for bad, expected in (
+        ("detrkit.engine.optimizer.no_such_fn", "no attribute"),
+        (7, "must be a function"),
+    ):
+        with pytest.raises(ValueError, match=r"optimizer\.params\.lr_factor_func") as info:
+            get_default_optimizer_params(model, base_lr=1e-4, lr_factor_func=bad)
+        assert expected in str(info.value)
+
+
 def test_lr_factor_helpers():
     assert backbone_lr_factor("backbone.res2.0.conv1.weight") == 0.1
     assert backbone_lr_factor("transformer.encoder.sampling_offsets.weight") == 1.0

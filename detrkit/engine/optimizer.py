@@ -25,6 +25,8 @@ from fvcore.common.param_scheduler import (
 )
 from torch import nn
 
+from detrkit.config.lazy import locate
+
 __all__ = [
     "LRFactorByName",
     "LRMultiplier",
@@ -122,7 +124,7 @@ def get_default_optimizer_params(
         bias_lr_factor, weight_decay_bias: lr multiplier / weight decay for parameters named
             "bias".
         lr_factor_func: `f(full_param_name) -> float` multiplying the lr (needs `base_lr`), e.g.
-            `backbone_lr_factor`.
+            `backbone_lr_factor`, or its dotted import path (as a command-line override gives).
         overrides: `{param_name: {"lr": ..., "weight_decay": ...}}` by the parameter's own name
             within its module ("bias", "pos_embed", ...); applied last.
 
@@ -157,6 +159,19 @@ def get_default_optimizer_params(
         overrides["bias"] = bias_hparams
     if lr_factor_func is not None and base_lr is None:
         raise ValueError("get_default_optimizer_params: lr_factor_func needs base_lr to be set")
+    if isinstance(lr_factor_func, str):
+        # a command-line override gives the function by name
+        # (optimizer.params.lr_factor_func=detrkit.engine.optimizer.deformable_detr_lr_factor)
+        name = lr_factor_func
+        try:
+            lr_factor_func = locate(name)
+        except ImportError as e:
+            raise ValueError(f"optimizer.params.lr_factor_func={name!r}: {e}") from None
+    if lr_factor_func is not None and not callable(lr_factor_func):
+        raise ValueError(
+            f"optimizer.params.lr_factor_func must be a function name -> lr factor (or its "
+            f"dotted import path); got {lr_factor_func!r}"
+        )
 
     seen: set[nn.Parameter] = set()
     groups: list[dict[str, Any]] = []
