@@ -127,6 +127,23 @@ def test_gradient_clipping(clip):
         assert max(norms) == pytest.approx(1e-3, rel=1e-4)
     with pytest.raises(ValueError, match="max_norm"):
         make_trainer(clip_grad_params={"norm_type": 2})
+    # 0 would zero every gradient; None would fail inside torch at the first step
+    for bad in (0, 0.0, -1.0, None, "0.1"):
+        with pytest.raises(ValueError, match=r"train.clip_grad.params.max_norm=.*positive number"):
+            make_trainer(clip_grad_params={"max_norm": bad})
+
+
+def test_logged_lr_is_the_main_groups_not_the_backbones():
+    # like Deformable DETR: a 0.1x backbone of few large tensors, a 1x rest of many small ones
+    backbone = [torch.nn.Parameter(torch.zeros(1000)) for _ in range(2)]
+    rest = [torch.nn.Parameter(torch.zeros(10)) for _ in range(5)]
+    optimizer = torch.optim.SGD([{"params": backbone, "lr": 1e-5}, {"params": rest, "lr": 1e-4}])
+    assert LRScheduler._pick_param_group(optimizer) == 1
+    # one tensor per group (e.g. per-parameter groups): the most common lr
+    singles = [torch.nn.Parameter(torch.zeros(n)) for n in (100, 3, 3)]
+    lrs = [1e-5, 1e-4, 1e-4]
+    optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(singles, lrs)])
+    assert LRScheduler._pick_param_group(optimizer) == 1
 
 
 def test_state_dict_layout_and_round_trip():

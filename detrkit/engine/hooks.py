@@ -135,10 +135,16 @@ class LRScheduler(HookBase):
 
     @staticmethod
     def _pick_param_group(optimizer: torch.optim.Optimizer) -> int:
-        # the group with the most parameters is the one whose lr is worth logging (the others
-        # are usually small groups with a multiplier, e.g. the backbone or embeddings)
-        sizes = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
-        return max(range(len(sizes)), key=lambda i: sizes[i])
+        """The group whose lr is logged: the one with the most parameter tensors (the others are
+        usually groups with a multiplier, e.g. a 0.1x backbone, which has fewer but larger
+        tensors); with one tensor per group, the first group of the most common lr."""
+        groups = optimizer.param_groups
+        counts = [len(g["params"]) for g in groups]
+        if max(counts) > 1:
+            return counts.index(max(counts))
+        lrs = [g["lr"] for g in groups]
+        most_common = max(lrs, key=lrs.count)
+        return lrs.index(most_common)
 
     def after_step(self) -> None:
         lr = self._optimizer.param_groups[self._best_group]["lr"]

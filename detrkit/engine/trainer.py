@@ -246,6 +246,17 @@ class Trainer(TrainerBase):
                     f"train.clip_grad.params={self.clip_grad_params} is not valid; accepted keys: "
                     "max_norm (required), norm_type, error_if_nonfinite"
                 )
+            max_norm = self.clip_grad_params["max_norm"]
+            if (
+                isinstance(max_norm, bool)
+                or not isinstance(max_norm, (int, float))
+                or max_norm <= 0
+            ):
+                # 0 would scale every gradient to zero: training that silently learns nothing
+                raise ValueError(
+                    f"train.clip_grad.params.max_norm={max_norm!r} is not valid; accepted: a "
+                    "positive number (to train without clipping set train.clip_grad.enabled=False)"
+                )
 
     @property
     def _data_loader_iter(self):
