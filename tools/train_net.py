@@ -107,13 +107,17 @@ def check_num_classes(cfg: Any, split: str) -> None:
             )
 
 
+def _requested_device(cfg: Any) -> str:
+    return str(cfg.train.get("device", "cuda") or "cuda")
+
+
 def resolve_device(cfg: Any) -> torch.device:
     """`train.device`, falling back to the CPU (with a warning) when CUDA is not available.
 
     The fallback is written back into `cfg.train.device`, so that config values interpolated
     from it (`model.device = "${..train.device}"`) follow.
     """
-    device = str(cfg.train.get("device", "cuda") or "cuda")
+    device = _requested_device(cfg)
     if device.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("train.device=%s but CUDA is not available: using the CPU", device)
         device = "cpu"
@@ -127,8 +131,7 @@ def resolve_device(cfg: Any) -> torch.device:
 def launch_backend(cfg: Any) -> str | None:
     """gloo for `train.device=cpu` (CPU processes, also on a machine with GPUs); otherwise None,
     which lets `launch` pick NCCL when CUDA is available."""
-    device = str(cfg.train.get("device", "cuda") or "cuda")
-    return "gloo" if device.startswith("cpu") else None
+    return "gloo" if _requested_device(cfg).startswith("cpu") else None
 
 
 def build_ema(cfg: Any, model: torch.nn.Module) -> ModelEMA | None:
