@@ -8,7 +8,7 @@ from fvcore.common.checkpoint import PeriodicCheckpointer
 
 from detrkit.utils.file_io import atomic_write
 
-from .checkpointer import DetectionCheckpointer, IncompatibleKeys
+from .checkpointer import DetectionCheckpointer
 from .io import CheckpointError, CheckpointNotFoundError
 from .keys import align_by_suffix, summarize_keys
 
@@ -16,7 +16,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "DetectionCheckpointer",
-    "IncompatibleKeys",
     "PeriodicCheckpointer",
     "align_by_suffix",
     "atomic_write",

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # on_load(checkpoint, path, model_keys) -> a line for the log, or None
-LoadHook = Callable[[dict[str, Any], str, Set[str]], "str | None"]
+LoadHook = Callable[[dict[str, Any], str, Set[str]], str | None]
 
 
 @dataclass(frozen=True)
