@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from detrkit.checkpoint.convert import (
-    ConversionError,
+from detrkit.checkpoint.convert import ConversionError
+from projects.deformable_detr.convert import (
     convert_detrex,
     convert_official,
     official_to_detrex_name,

@@ -64,8 +64,8 @@ def test_shapes_config_builds_loaders_and_evaluator(tiny_shapes, tmp_path):
 
 
 def test_project_configs_have_exactly_the_documented_top_level_keys():
-    # SURFACE.md: model, dataloader, optimizer, lr_multiplier, train; a loop variable or helper
-    # left at module level would become a stray sixth key of config.yaml
+    # docs/architecture.md: model, dataloader, optimizer, lr_multiplier, train; a loop variable
+    # or helper left at module level would become a stray sixth key of config.yaml
     from pathlib import Path
 
     config_dir = Path(__file__).resolve().parents[1] / "projects" / "deformable_detr" / "configs"

@@ -23,7 +23,7 @@ VARIANT_CONFIGS = {
     "refine": "deformable_detr_r50_with_box_refinement_50ep.py",
     "two_stage": "deformable_detr_r50_two_stage_50ep.py",
 }
-# MODEL.md: trainable parameters of the official checkpoints (91-way class heads; the official
+# docs/model.md: trainable parameters of the official checkpoints (91-way class heads; the official
 # code trains neither the stem nor res2 of the ResNet, i.e. freeze_at=2).
 OFFICIAL_TRAINABLE_91 = {
     "single_scale": 33_844_193,
@@ -101,7 +101,7 @@ def test_state_dict_matches_detrex_fixture(variant, checkpoint_keys):
 
 @pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
 def test_parameter_count_matches_model_table(variant):
-    """MODEL.md counts 91-way heads; each distinct 80-way head has 11 x (256 + 1) fewer."""
+    """docs/model.md counts 91-way heads; each distinct 80-way head has 11 x (256 + 1) fewer."""
     model = full_model(variant)
     expected_80 = OFFICIAL_TRAINABLE_91[variant] - DISTINCT_CLASS_HEADS[variant] * 11 * 257
 
@@ -147,7 +147,7 @@ def test_forward_backward_two_sizes(variant):
 
 
 def expected_sampling_offset_bias(num_heads: int, num_levels: int, num_points: int) -> torch.Tensor:
-    """MODEL.md: head k points at angle 2*pi*k/heads, scaled so its larger |coordinate| is 1,
+    """docs/model.md: head k points at angle 2*pi*k/heads, scaled so its larger |coordinate| is 1,
     repeated over levels and multiplied by (point index + 1); layout (head, level, point, xy)."""
     values = []
     for head in range(num_heads):

@@ -1,6 +1,6 @@
 """The deformable transformer's geometry against hand-computed values: valid ratios, encoder
 reference points, two-stage proposals and their sine embedding, and the decoder's reference
-refinement (MODEL.md)."""
+refinement (docs/model.md)."""
 
 from __future__ import annotations
 

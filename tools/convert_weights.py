@@ -24,8 +24,12 @@ import argparse
 import os
 import sys
 
+# `projects.*` (the Deformable-DETR converters) lives beside tools/ in the repository
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from detrkit.checkpoint import CheckpointError
-from detrkit.checkpoint.convert import SOURCES, VARIANTS, convert_file
+from detrkit.checkpoint.convert import convert_file, registered_sources
+from projects.deformable_detr.convert import VARIANTS  # registers official, detrex
 
 PROG = "convert_weights.py"
 
@@ -45,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert official Deformable-DETR, detrex or torchvision ResNet weights "
         "into detrkit's state-dict names.",
     )
-    parser.add_argument("--source", required=True, choices=list(SOURCES), help="input layout")
+    parser.add_argument(
+        "--source", required=True, choices=registered_sources(), help="input layout"
+    )
     parser.add_argument("--input", required=True, help="checkpoint to read")
     parser.add_argument("--output", required=True, help="file to write ({'model': ...})")
     parser.add_argument(

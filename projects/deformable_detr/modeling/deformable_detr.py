@@ -5,7 +5,7 @@
 losses in training, or `[{"instances": Instances(pred_boxes, scores, pred_classes)}]` in eval.
 
 Variants: single scale (one level), single scale DC5, multi-scale, + iterative box refinement
-(`with_box_refine`), ++ two-stage (`as_two_stage`); see MODEL.md.
+(`with_box_refine`), ++ two-stage (`as_two_stage`); see docs/model.md.
 """
 
 from __future__ import annotations
