@@ -1,0 +1,1 @@
+"""Conversions of Deformable DETR weights from and to other code bases' layouts."""
