@@ -70,6 +70,8 @@ __all__ = [
     "HFConversionResult",
     "HFSpec",
     "convert_huggingface",
+    "convert_state",
+    "export_checkpoint",
     "export_huggingface",
     "hf_layout",
     "key_pairs",
@@ -840,7 +842,16 @@ def convert_huggingface(path: str, hf_config: str | None = None) -> HFConversion
             f"{config_path} describes model_type {config.get('model_type')!r}; accepted: "
             f"{MODEL_TYPE!r} (transformers' DeformableDetrForObjectDetection)"
         )
-    state = _load_weights_file(weights_path)
+    return convert_state(_load_weights_file(weights_path), config, config_path, weights_path)
+
+
+def convert_state(
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    config_path: str = "config.json",
+    weights_path: str = "the weights",
+) -> HFConversionResult:
+    """Convert a transformers state dict described by `config` (config.json's contents)."""
     state = OrderedDict((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
     state, renamed = _to_v4_names(state)
     heads = state.get("class_embed.0.weight", state.get("model.decoder.class_embed.0.weight"))
@@ -1163,12 +1174,15 @@ def export_checkpoint(
     backbone: str = "transformers",
 ) -> list[str]:
     """`export_huggingface` for a checkpoint file and the config file that trained it."""
-    from detrkit.config import LazyConfig, instantiate
+    from detrkit.config import ConfigError, InstantiationError, LazyConfig, instantiate
 
-    cfg = LazyConfig.load(config_file)
-    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
-    cfg.model.device = "cpu"
-    with torch.device("meta"):
-        model = instantiate(cfg.model)
+    try:
+        cfg = LazyConfig.load(config_file)
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        cfg.model.device = "cpu"
+        with torch.device("meta"):  # only the structure is needed
+            model = instantiate(cfg.model)
+    except (ConfigError, InstantiationError) as e:
+        raise ConversionError(f"--config-file {config_file}: {e}") from None
     state, classes = _read_ours(checkpoint)
     return export_huggingface(model, state, output_dir, classes, backbone, source=checkpoint)
