@@ -486,7 +486,8 @@ def test_bundled_train_defaults_match_the_surface_spec():
             assert got == value, key
     assert train.ddp.fp16_compression is False
     assert train.amp.enabled is False and train.amp.dtype in ("float16", "bfloat16")
-    assert train.wandb.enabled is False
+    assert train.gather_metric_period == 1
+    assert "wandb" not in train  # not supported: an override of it is an error, not ignored
 
 
 def test_get_config_unknown_name_lists_available():

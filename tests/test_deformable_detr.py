@@ -230,6 +230,36 @@ def test_eval_same_alone_or_padded_in_batch(variant):
     assert_same_detections(alone, batched)
 
 
+def test_batch_invariant_eval_is_a_config_key_and_both_settings_run():
+    """`model.batch_invariant_eval=False` (README) is an override every config takes; with it
+    an image padded beside a larger one gets other detections than alone (padding reaches the
+    convolutions and the neck's GroupNorm statistics), with True the same."""
+    for name in VARIANT_CONFIGS.values():
+        cfg = LazyConfig.load(f"{CONFIG_DIR}/{name}")
+        assert cfg.model.batch_invariant_eval is True
+        cfg = LazyConfig.apply_overrides(cfg, ["model.batch_invariant_eval=False"])
+        assert cfg.model.batch_invariant_eval is False
+
+    torch.manual_seed(random.randrange(2**31))
+    cfg = LazyConfig.apply_overrides(tiny_model_config("deformable_detr"), [])
+    small = {"image": random_image(88, 120)}
+    large = {"image": random_image(128, 160)}
+    results = {}
+    for setting in (True, False):
+        cfg.model.batch_invariant_eval = setting
+        torch.manual_seed(0)  # the same weights for both settings
+        model = instantiate(cfg.model).eval()
+        assert model.batch_invariant_eval is setting
+        with torch.no_grad():
+            alone = model([small])[0]["instances"]
+            batched = model([large, small])[1]["instances"]
+        results[setting] = (alone, batched)
+    assert_same_detections(*results[True])
+    alone, batched = results[False]
+    assert_same_detections(alone, results[True][0])  # alone, both settings compute the same
+    assert (alone.scores.sort().values - batched.scores.sort().values).abs().max() > 1e-3
+
+
 def test_two_stage_eval_invariant_when_images_have_fewer_tokens_than_proposals():
     torch.manual_seed(random.randrange(2**31))
     cfg = tiny_model_config("two_stage")

@@ -25,6 +25,7 @@ import torch
 from fvcore.common.checkpoint import PeriodicCheckpointer as _FvcorePeriodicCheckpointer
 from fvcore.common.param_scheduler import ParamScheduler
 
+from detrkit.config import ConfigError
 from detrkit.utils import comm
 
 from .ema import ModelEMA
@@ -182,9 +183,9 @@ class PeriodicCheckpointer(HookBase):
         max_iter: int | None = None,
     ) -> None:
         if int(period) <= 0:
-            raise ValueError(f"train.checkpointer.period={period} is not valid; accepted: >= 1")
+            raise ConfigError(f"train.checkpointer.period={period} is not valid; accepted: >= 1")
         if max_to_keep is not None and int(max_to_keep) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.checkpointer.max_to_keep={max_to_keep} is not valid; accepted: >= 1"
             )
         self.checkpointer = checkpointer
@@ -304,7 +305,7 @@ class PeriodicWriter(HookBase):
             if not isinstance(w, EventWriter):
                 raise TypeError(f"PeriodicWriter: {w!r} is not an EventWriter")
         if int(period) <= 0:
-            raise ValueError(f"train.log_period={period} is not valid; accepted: >= 1")
+            raise ConfigError(f"train.log_period={period} is not valid; accepted: >= 1")
         self._writers = list(writers)
         self._period = int(period)
 

@@ -25,7 +25,7 @@ from fvcore.common.param_scheduler import (
 )
 from torch import nn
 
-from detrkit.config.lazy import locate
+from detrkit.config.lazy import ConfigError, locate
 
 __all__ = [
     "LRFactorByName",
@@ -166,9 +166,9 @@ def get_default_optimizer_params(
         try:
             lr_factor_func = locate(name)
         except ImportError as e:
-            raise ValueError(f"optimizer.params.lr_factor_func={name!r}: {e}") from None
+            raise ConfigError(f"optimizer.params.lr_factor_func={name!r}: {e}") from None
     if lr_factor_func is not None and not callable(lr_factor_func):
-        raise ValueError(
+        raise ConfigError(
             f"optimizer.params.lr_factor_func must be a function name -> lr factor (or its "
             f"dotted import path); got {lr_factor_func!r}"
         )

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from detrkit.config import ConfigError
 from detrkit.utils import comm
 
 from .events import EventStorage
@@ -185,11 +186,11 @@ def _resolve_amp_dtype(amp_dtype: str | torch.dtype | None, device_type: str) ->
     elif isinstance(amp_dtype, str) and amp_dtype.replace("torch.", "") in _AMP_DTYPES:
         dtype = _AMP_DTYPES[amp_dtype.replace("torch.", "")]
     else:
-        raise ValueError(
+        raise ConfigError(
             f"train.amp.dtype={amp_dtype!r} is not supported; accepted: 'float16' or 'bfloat16'"
         )
     if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(
+        raise ConfigError(
             f"train.amp.dtype={amp_dtype!r} is not supported; accepted: 'float16' or 'bfloat16'"
         )
     if device_type != "cuda" and dtype == torch.float16:
@@ -239,12 +240,12 @@ class Trainer(TrainerBase):
     ) -> None:
         super().__init__()
         if isinstance(gather_metric_period, bool) or not isinstance(gather_metric_period, int):
-            raise ValueError(
+            raise ConfigError(
                 f"train.gather_metric_period={gather_metric_period!r} is not valid; accepted: an "
                 "integer >= 1"
             )
         if gather_metric_period < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"train.gather_metric_period={gather_metric_period} is not valid; accepted: >= 1"
             )
         self.gather_metric_period = gather_metric_period
@@ -265,7 +266,7 @@ class Trainer(TrainerBase):
         if self.clip_grad_params is not None:
             unknown = set(self.clip_grad_params) - {"max_norm", "norm_type", "error_if_nonfinite"}
             if unknown or "max_norm" not in self.clip_grad_params:
-                raise ValueError(
+                raise ConfigError(
                     f"train.clip_grad.params={self.clip_grad_params} is not valid; accepted keys: "
                     "max_norm (required), norm_type, error_if_nonfinite"
                 )
@@ -276,7 +277,7 @@ class Trainer(TrainerBase):
                 or max_norm <= 0
             ):
                 # 0 would scale every gradient to zero: training that silently learns nothing
-                raise ValueError(
+                raise ConfigError(
                     f"train.clip_grad.params.max_norm={max_norm!r} is not valid; accepted: a "
                     "positive number (to train without clipping set train.clip_grad.enabled=False)"
                 )

@@ -40,7 +40,6 @@ class DeformableDETR(nn.Module):
         as_two_stage: bool = False,
         select_box_nums_for_evaluation: int = 300,
         batch_invariant_eval: bool = True,
-        device: str = "cuda",
     ) -> None:
         """
         Args:
@@ -54,8 +53,8 @@ class DeformableDETR(nn.Module):
             batch_invariant_eval: in eval, run the backbone and neck image by image, so a
                 result never depends on which other images share the batch (padding would
                 otherwise leak into convolutions and GroupNorm statistics).
-            device: accepted for detrex config compatibility; placement is done by the caller
-                (`model.to(cfg.train.device)`).
+
+        The caller places the model (`tools/train_net.py`: on `train.device`).
         """
         super().__init__()
         if num_classes < 1:
