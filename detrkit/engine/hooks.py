@@ -1,5 +1,9 @@
 """Hooks run by the trainer around each iteration.
 
+A hook overrides any of `before_train`, `before_step`, `after_backward` (between the backward
+pass and the optimizer step), `after_step`, `after_train` (`HookBase`, in `trainer.py`); hooks
+run in the order registered. This is the one place that order is written down.
+
 `tools/train_net.py` registers, in this order (the order matters: a hook's `after_step` sees what
 the earlier ones recorded)::
 
