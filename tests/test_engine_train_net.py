@@ -292,6 +292,18 @@ def test_cli_error_is_one_line_without_traceback():
     assert len(lines) == 1 and "train.max_itr" in lines[0], result.stderr
 
 
+def test_user_error_during_the_run_is_one_line_with_the_traceback_in_log(tmp_path):
+    missing = tmp_path / "no_such_weights.pth"
+    result = run_train_net(
+        f"train.output_dir={tmp_path}", f"train.init_checkpoint={missing}", timeout=120
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert str(missing) in lines[-1] and f"(traceback in {tmp_path / 'log.txt'})" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert "Traceback" in (tmp_path / "log.txt").read_text()
+
+
 # --- SIGKILL and --resume --------------------------------------------------------------------
 
 RESUME_ARGS = (

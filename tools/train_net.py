@@ -58,6 +58,7 @@ def do_test(cfg, model, ema=None):
     ret = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
     if ema is not None:
+        logger.info("Evaluating the EMA weights")
         with ema.apply_to():
             ema_ret = inference_on_dataset(
                 model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
