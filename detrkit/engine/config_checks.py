@@ -9,7 +9,8 @@
 - `check_dataset_classes(cfg, split)`: once a loader is built (loading a dataset sets its
   metadata), the dataset's class count equals `model.num_classes`.
 
-Each raises `ConfigError` naming the config file, key or value at fault and what is accepted.
+A config mistake raises `ConfigError` naming the config file, key or value at fault and what is
+accepted; a launch argument the machine cannot serve raises ValueError naming the flag.
 """
 
 from __future__ import annotations
