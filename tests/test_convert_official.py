@@ -42,7 +42,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build_model(repo_root, variant: str, **overrides) -> torch.nn.Module:
     cfg = LazyConfig.load(str(repo_root / VARIANTS[variant].config))
-    cfg.model.device = "cpu"
     for key, value in overrides.items():
         cfg.model[key] = value
     return instantiate(cfg.model).eval()

@@ -36,7 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model(repo_root):
     cfg = LazyConfig.load(str(repo_root / VARIANTS["deformable_detr"].config))
-    cfg.model.device = "cpu"
     return instantiate(cfg.model).eval()
 
 
