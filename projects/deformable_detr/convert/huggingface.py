@@ -1176,7 +1176,6 @@ def export_checkpoint(
     try:
         cfg = LazyConfig.load(config_file)
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
-        cfg.model.device = "cpu"
         with torch.device("meta"):  # only the structure is needed
             model = instantiate(cfg.model)
     except (ConfigError, InstantiationError) as e:
