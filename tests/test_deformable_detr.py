@@ -23,8 +23,9 @@ VARIANT_CONFIGS = {
     "refine": "deformable_detr_r50_with_box_refinement_50ep.py",
     "two_stage": "deformable_detr_r50_two_stage_50ep.py",
 }
-# MODEL.md: trainable parameters of the official checkpoints (91-way class heads; the official
-# code trains neither the stem nor res2 of the ResNet, i.e. freeze_at=2).
+# Exact trainable-parameter counts of the official models (91-way class heads; the official code
+# trains neither the stem nor res2 of the ResNet, i.e. freeze_at=2). The paper's Table 1 only
+# gives them rounded to millions.
 OFFICIAL_TRAINABLE_91 = {
     "single_scale": 33_844_193,
     "single_scale_dc5": 33_844_193,
@@ -100,8 +101,9 @@ def test_state_dict_matches_detrex_fixture(variant, checkpoint_keys):
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
-def test_parameter_count_matches_model_table(variant):
-    """MODEL.md counts 91-way heads; each distinct 80-way head has 11 x (256 + 1) fewer."""
+def test_parameter_count_matches_the_official_models(variant):
+    """The official counts have 91-way heads; each distinct 80-way head has 11 x (256 + 1)
+    fewer."""
     model = full_model(variant)
     expected_80 = OFFICIAL_TRAINABLE_91[variant] - DISTINCT_CLASS_HEADS[variant] * 11 * 257
 
