@@ -204,6 +204,22 @@ def test_checkpoint_with_arbitrary_objects_is_refused_naming_them(tmp_path):
     message = str(info.value)
     assert str(path) in message and "NotAllowed" in message
 
+    # numpy scalars are admitted in a .pth, numpy arrays are not (they belong in a .pkl)
+    path = tmp_path / "array.pth"
+    torch.save({"model": Detector().state_dict(), "mean": np.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=r"array\.pth contains numpy\S*_reconstruct"):
+        DetectionCheckpointer(Detector()).load(str(path))
+
+
+def test_pkl_holding_torch_tensors_is_refused(tmp_path):
+    path = tmp_path / "tensors.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"weight": torch.zeros(2)}}, f)
+    with pytest.raises(
+        CheckpointError, match=r"tensors\.pkl contains a pickled object of type torch"
+    ):
+        DetectionCheckpointer(Detector()).load(str(path))
+
 
 def test_pkl_numpy_weights_matched_by_suffix(tmp_path, caplog):
     source = _randomize(Detector())

@@ -13,7 +13,7 @@ from detrkit.config import LazyCall as L
 from detrkit.config import LazyConfig, instantiate
 from detrkit.layers import MultiScaleDeformableAttention, ShapeSpec
 from detrkit.structures import Boxes, Instances
-from projects.deformable_detr.modeling.deformable_detr import weight_losses
+from projects.deformable_detr.modeling.deformable_detr import rescale_instances, weight_losses
 
 CONFIG_DIR = "projects/deformable_detr/configs"
 VARIANT_CONFIGS = {
@@ -23,8 +23,9 @@ VARIANT_CONFIGS = {
     "refine": "deformable_detr_r50_with_box_refinement_50ep.py",
     "two_stage": "deformable_detr_r50_two_stage_50ep.py",
 }
-# docs/model.md: trainable parameters of the official checkpoints (91-way class heads; the official
-# code trains neither the stem nor res2 of the ResNet, i.e. freeze_at=2).
+# Exact trainable-parameter counts of the official models (91-way class heads; the official code
+# trains neither the stem nor res2 of the ResNet, i.e. freeze_at=2). The paper's Table 1 only
+# gives them rounded to millions.
 OFFICIAL_TRAINABLE_91 = {
     "single_scale": 33_844_193,
     "single_scale_dc5": 33_844_193,
@@ -100,8 +101,9 @@ def test_state_dict_matches_detrex_fixture(variant, checkpoint_keys):
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
-def test_parameter_count_matches_model_table(variant):
-    """docs/model.md counts 91-way heads; each distinct 80-way head has 11 x (256 + 1) fewer."""
+def test_parameter_count_matches_the_official_models(variant):
+    """The official counts have 91-way heads; each distinct 80-way head has 11 x (256 + 1)
+    fewer."""
     model = full_model(variant)
     expected_80 = OFFICIAL_TRAINABLE_91[variant] - DISTINCT_CLASS_HEADS[variant] * 11 * 257
 
@@ -301,6 +303,52 @@ def test_inference_topk_and_rescaling():
 def tiny_refine_model():
     torch.manual_seed(random.randrange(2**31))
     return instantiate(tiny_model_config("refine").model)
+
+
+def test_inference_boxes_hand_computed_on_non_square_images(tiny_refine_model, monkeypatch):
+    """Top-k (query, class) pairs and their boxes in pixels, by hand, for a wide image and a tall
+    one: x scales with the width, y with the height."""
+    monkeypatch.setattr(tiny_refine_model, "select_box_nums_for_evaluation", 3)
+    logits = torch.tensor(
+        [
+            [[2.0, -1.0], [0.5, 3.0], [-2.0, 1.0]],  # top 3: (q1, c1), (q0, c0), (q2, c1)
+            [[-1.0, 0.0], [4.0, -3.0], [1.5, 2.5]],  # top 3: (q1, c0), (q2, c1), (q2, c0)
+        ]
+    )
+    boxes = torch.tensor(  # normalized (cx, cy, w, h)
+        [
+            [[0.5, 0.25, 0.2, 0.1], [0.3, 0.6, 0.4, 0.2], [0.75, 0.5, 0.5, 1.0]],
+            [[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 1.0, 0.5], [0.2, 0.8, 0.2, 0.2]],
+        ]
+    )
+    wide, tall = tiny_refine_model.inference(logits, boxes, [(60, 100), (40, 30)])
+    assert wide.image_size == (60, 100) and tall.image_size == (40, 30)
+    # x0 = (cx - w / 2) * width, y0 = (cy - h / 2) * height, ...
+    torch.testing.assert_close(
+        wide.pred_boxes.tensor,
+        torch.tensor(
+            [[10.0, 30.0, 50.0, 42.0], [40.0, 12.0, 60.0, 18.0], [50.0, 0.0, 100.0, 60.0]]
+        ),
+    )
+    torch.testing.assert_close(wide.scores, torch.tensor([3.0, 2.0, 1.0]).sigmoid())
+    assert wide.pred_classes.tolist() == [1, 0, 1]
+    torch.testing.assert_close(
+        tall.pred_boxes.tensor,
+        torch.tensor([[0.0, 10.0, 30.0, 30.0], [3.0, 28.0, 9.0, 36.0], [3.0, 28.0, 9.0, 36.0]]),
+    )
+    torch.testing.assert_close(tall.scores, torch.tensor([4.0, 2.5, 1.5]).sigmoid())
+    assert tall.pred_classes.tolist() == [0, 1, 0]
+
+    # to the original size (120 wide, 90 high): x by 1.2, y by 1.5, then clipped to the image
+    wide.pred_boxes.tensor[2] = torch.tensor([50.0, -10.0, 110.0, 70.0])
+    original = rescale_instances(wide, 90, 120)
+    assert original.image_size == (90, 120)
+    torch.testing.assert_close(
+        original.pred_boxes.tensor,
+        torch.tensor(
+            [[12.0, 45.0, 60.0, 63.0], [48.0, 18.0, 72.0, 27.0], [60.0, 0.0, 120.0, 90.0]]
+        ),
+    )
 
 
 def test_bad_images_are_rejected_with_clear_errors(tiny_refine_model):

@@ -349,6 +349,18 @@ class COCOEvaluator(DatasetEvaluator):
         # not loaded through load_coco_json yet: contiguous ids follow the sorted json ids
         return dict(enumerate(sorted(coco_gt.getCatIds())))
 
+    def _class_names(self, coco_gt: COCO, to_dataset_id: dict[int, int]) -> list[str] | None:
+        """`thing_classes` in COCOeval's order (sorted category ids), through the id map: a
+        dataset may map its ids to contiguous labels in any order."""
+        classes = self._metadata.get("thing_classes")
+        if classes is None:
+            return None
+        by_dataset_id = {to_dataset_id.get(i): name for i, name in enumerate(classes)}
+        cat_ids = sorted(coco_gt.getCatIds())
+        if all(c in by_dataset_id for c in cat_ids):
+            return [by_dataset_id[c] for c in cat_ids]
+        return list(classes)  # evaluate_box_predictions reports the mismatch
+
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for inp, out in zip(inputs, outputs):
             if "image_id" not in inp:
@@ -445,7 +457,7 @@ class COCOEvaluator(DatasetEvaluator):
                 self._dataset_name,
                 unseen[:5] + (["..."] if len(unseen) > 5 else []),
             )
-        class_names = self._metadata.get("thing_classes")
+        class_names = self._class_names(coco_gt, to_dataset_id)
         logger.info("Evaluating predictions with %s COCOeval (bbox) ...", self._backend)
         metrics, report = evaluate_box_predictions(
             coco_gt,

@@ -1,8 +1,9 @@
 """Official Deformable-DETR checkpoints (the paper's code) -> our (detrex) key names.
 
 An official checkpoint is `{"model", "optimizer", "lr_scheduler", "epoch", "args"}`, `args` an
-`argparse.Namespace`; it is read with `torch.load(weights_only=True)` allowing only that class.
-Only `model` and `args.dilation` are used.
+`argparse.Namespace`; it is read with `torch.load(weights_only=True)` (tensors, plain containers,
+numbers and strings) plus `argparse.Namespace` and numpy scalars and dtypes; any other pickled
+object is refused. Only `model` and `args.dilation` are used.
 
 Name rules (official -> ours):
 
@@ -22,8 +23,10 @@ Name rules (official -> ours):
   `transformer.decoder.bbox_embed.k`, `transformer.decoder.class_embed.k`).
 
 Class heads: the official COCO head has 91 outputs indexed by COCO category id (no background
-logit); ours has 80 contiguous classes, so every class head keeps the rows of the 80 category ids
-in order (two-stage's seventh, proposal-scoring head included).
+logit); ours has 80 contiguous classes, so each decoder layer's class head keeps the rows of the
+80 category ids in order. Two-stage's seventh (proposal-scoring) head is trained with every label
+0: its row 0 is the objectness logit that selects the proposals and the only row the model reads,
+so it keeps official row 0 first, then the rows of the other 79 category ids (2, 3, ..., 90).
 
 Aliases: a state dict lists a module once per name it is registered under. Without box
 refinement the six layers share one class head and one box head (`class_embed.0..5` are one
