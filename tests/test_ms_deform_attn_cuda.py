@@ -18,12 +18,12 @@ import subprocess
 import pytest
 import torch
 import torch.utils.cpp_extension
+from ms_deform_attn_helpers import make_inputs, reference_with_grads
 
 from detrkit.layers import (
     MultiScaleDeformableAttention,
     ms_deform_attn,
     ms_deform_attn_backend,
-    ms_deform_attn_reference,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,32 +31,6 @@ CSRC = os.path.join(REPO_ROOT, "detrkit", "csrc")
 EMULATION_SOURCE = os.path.join(CSRC, "ms_deform_attn", "cuda", "emulation", "emulate.cc")
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def make_inputs(gen, shapes, N, M, D, Lq, P, dtype=torch.float64, loc_dtype=None, margin=0.25):
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
-    S, L = int(sizes.sum()), len(shapes)
-    value = torch.randn(N, S, M, D, generator=gen, dtype=torch.float64).to(dtype)
-    locations = torch.rand(N, Lq, M, L, P, 2, generator=gen, dtype=torch.float64)
-    locations = (locations * (1 + 2 * margin) - margin).to(loc_dtype or dtype)
-    weights = torch.rand(N, Lq, M, L, P, generator=gen, dtype=torch.float64).to(loc_dtype or dtype)
-    return [value, spatial_shapes, level_start_index, locations, weights]
-
-
-def reference_with_grads(inputs, grad_output):
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
-    out = ms_deform_attn_reference(leaves[0], inputs[1].cpu(), inputs[2].cpu(), *leaves[1:])
-    grads = torch.autograd.grad(out, leaves, grad_output.detach().cpu().double())
-    return out, grads
 
 
 # ---------------------------------------------------------------------------------------------
