@@ -19,6 +19,7 @@ from ms_deform_attn_helpers import make_inputs, reference_with_grads
 from detrkit.layers.ms_deform_attn import (
     ms_deform_attn,
     ms_deform_attn_backend,
+    ms_deform_attn_levels,
     ms_deform_attn_reference,
 )
 
@@ -413,6 +414,16 @@ def test_raw_op_checks_its_arguments_too(case, gen):
     grad_output = torch.zeros(value.shape[0], inputs[3].shape[1], value.shape[2] * value.shape[3])
     with pytest.raises(RuntimeError, match=name):
         torch.ops.detrkit.ms_deform_attn_backward(grad_output.to(value.dtype), *inputs)
+
+
+def test_levels_are_built_and_checked_on_the_host():
+    spatial_shapes, level_start_index = ms_deform_attn_levels([(7, 5), (3, 9), (1, 1)])
+    assert spatial_shapes.dtype == level_start_index.dtype == torch.int64
+    assert spatial_shapes.tolist() == [[7, 5], [3, 9], [1, 1]]
+    assert level_start_index.tolist() == [0, 35, 62]  # 0, 7 * 5, 7 * 5 + 3 * 9
+    for bad in ([(7, 5), (0, 9)], [(-1, 5)], [(2**15, 2**15 + 1)]):
+        with pytest.raises(ValueError, match=r"spatial_shapes\[\d\] = .* positive sizes"):
+            ms_deform_attn_levels(bad)
 
 
 def test_raw_backward_checks_grad_output(gen):
