@@ -24,13 +24,13 @@ L levels, P points per level):
 Dtypes: sampling_locations and attention_weights share one dtype, either value's or float32 when
 value is float16/bfloat16 (what autocast produces). Accumulation is float32 (float64 for float64).
 
-Validation happens twice at most, never on the model's hot path beyond metadata: the entry point
-checks everything that needs no device data (types, ranks, sizes, dtypes, devices, contiguity)
-and, for CPU-resident spatial_shapes / level_start_index, their values; the C++ kernels repeat
-the checks for callers of `torch.ops.detrkit.*`. Accelerator-resident level tables are not read
-back (that would synchronize the device on every call): build them with
-`ms_deform_attn_levels`, which checks the sizes once on the host; a level whose rows fall
-outside value reads nothing in the CUDA kernel.
+Arguments are validated in two places only: this entry point (ValueError / TypeError naming the
+argument) checks everything that needs no device data (types, ranks, sizes, dtypes, devices,
+contiguity) and, for CPU-resident spatial_shapes / level_start_index, their values; the C++
+kernels repeat the checks for callers of `torch.ops.detrkit.*` (RuntimeError).
+Accelerator-resident level tables are not read back (that would synchronize the device on every
+call): build them with `ms_deform_attn_levels`, which checks the sizes once on the host; a level
+whose rows fall outside value reads nothing in the CUDA kernel.
 """
 
 from __future__ import annotations
