@@ -11,10 +11,16 @@ EXT_SOURCES := $(shell find detrkit/csrc -type f \( -name '*.cpp' -o -name '*.cu
 
 # The CUDA build check uses the registry's CUDA build of torch in a separate environment; the
 # machine's pip config points at a local CPU wheel, so that config is switched off for it.
+# It runs where a CUDA toolkit is found (CUDA_HOME, else /usr/local/cuda-13.0, /usr/local/cuda,
+# else the nvcc on PATH) and is skipped, saying so, where there is none.
 CUDA_VENV := .venv-cuda
 CUDA_STAMP := $(CUDA_VENV)/.torch-installed
-CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda) \
+	$(patsubst %/bin/nvcc,%,$(shell command -v nvcc 2>/dev/null)))
+NVCC := $(if $(CUDA_HOME),$(wildcard $(CUDA_HOME)/bin/nvcc))
+# Every architecture family nvcc knows from sm_75 on, plus PTX of the newest
+# (tools/check_cuda_build.py --arch-list says why); with nvcc 13.0: 7.5;8.0;9.0;10.0;11.0;12.0+PTX
+TORCH_CUDA_ARCH_LIST ?= $(shell $(PYTHON) tools/check_cuda_build.py --arch-list --nvcc $(NVCC))
 
 .PHONY: install quickstart test test-fast cuda-check lint format clean
 
@@ -44,12 +50,22 @@ $(CUDA_STAMP):
 		torch==2.13.0 setuptools wheel ninja numpy
 	touch $(CUDA_STAMP)
 
-# Compile and link detrkit._C with the CUDA kernel against torch's CUDA build, then load it and
-# check that the CUDA dispatch entries exist. Runs on machines without a GPU.
+# Compile and link detrkit._C with the CUDA kernel for every architecture of
+# TORCH_CUDA_ARCH_LIST, then load it, check the CUDA dispatch entries and that the fatbinary
+# holds those cubins and PTX. Runs on machines without a GPU; needs nvcc.
+ifeq ($(NVCC),)
+cuda-check:
+	@echo "cuda-check: skipped: no nvcc found (looked in CUDA_HOME='$(CUDA_HOME)'; with" \
+		"CUDA_HOME unset, also in /usr/local/cuda-13.0, /usr/local/cuda and on PATH), so the" \
+		"CUDA kernel was not build-checked. Set CUDA_HOME to a CUDA toolkit to run it."
+else
 cuda-check: $(CUDA_STAMP)
 	CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=2 \
+		NVCC_APPEND_FLAGS="--threads 2" \
 		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --build-temp build-cuda/temp --build-lib build-cuda/lib
-	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(CUDA_VENV)/bin/python tools/check_cuda_build.py build-cuda/lib
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(CUDA_VENV)/bin/python tools/check_cuda_build.py \
+		build-cuda/lib --nvcc $(NVCC)
+endif
 
 lint:
 	$(PY) -m ruff check .

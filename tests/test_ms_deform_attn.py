@@ -14,56 +14,16 @@ import textwrap
 
 import pytest
 import torch
+from ms_deform_attn_helpers import make_inputs, reference_with_grads
 
 from detrkit.layers.ms_deform_attn import (
     ms_deform_attn,
     ms_deform_attn_backend,
+    ms_deform_attn_levels,
     ms_deform_attn_reference,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def make_inputs(
-    gen: torch.Generator,
-    shapes=((7, 5), (3, 9), (1, 1)),
-    N: int = 2,
-    M: int = 3,
-    D: int = 5,
-    Lq: int = 6,
-    P: int = 3,
-    dtype: torch.dtype = torch.float64,
-    loc_dtype: torch.dtype | None = None,
-    margin: float = 0.25,
-) -> list[torch.Tensor]:
-    """value, spatial_shapes, level_start_index, sampling_locations, attention_weights.
-    Locations are uniform in [-margin, 1 + margin], so some fall outside the maps."""
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
-    S, L = int(sizes.sum()), len(shapes)
-    loc_dtype = loc_dtype or dtype
-    value = torch.randn(N, S, M, D, generator=gen, dtype=torch.float64).to(dtype)
-    locations = torch.rand(N, Lq, M, L, P, 2, generator=gen, dtype=torch.float64)
-    locations = (locations * (1 + 2 * margin) - margin).to(loc_dtype)
-    weights = torch.rand(N, Lq, M, L, P, generator=gen, dtype=torch.float64).to(loc_dtype)
-    return [value, spatial_shapes, level_start_index, locations, weights]
-
-
-def as_float64(inputs: list[torch.Tensor], requires_grad: bool = False) -> list[torch.Tensor]:
-    out = []
-    for t in inputs:
-        if t.is_floating_point():
-            t = t.detach().to(torch.float64).requires_grad_(requires_grad)
-        out.append(t)
-    return out
 
 
 def kernel_and_reference_grads(inputs, grad_output):
@@ -72,11 +32,7 @@ def kernel_and_reference_grads(inputs, grad_output):
     leaves = [t.detach().clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
     out = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2])
     grads = torch.autograd.grad(out, leaves, grad_output.to(out.dtype))
-    ref_inputs = as_float64(inputs, requires_grad=True)
-    ref = ms_deform_attn_reference(*ref_inputs)
-    ref_grads = torch.autograd.grad(
-        ref, [ref_inputs[0], ref_inputs[3], ref_inputs[4]], grad_output.to(torch.float64)
-    )
+    ref, ref_grads = reference_with_grads(inputs, grad_output)
     return out, grads, ref, ref_grads
 
 
@@ -458,6 +414,16 @@ def test_raw_op_checks_its_arguments_too(case, gen):
     grad_output = torch.zeros(value.shape[0], inputs[3].shape[1], value.shape[2] * value.shape[3])
     with pytest.raises(RuntimeError, match=name):
         torch.ops.detrkit.ms_deform_attn_backward(grad_output.to(value.dtype), *inputs)
+
+
+def test_levels_are_built_and_checked_on_the_host():
+    spatial_shapes, level_start_index = ms_deform_attn_levels([(7, 5), (3, 9), (1, 1)])
+    assert spatial_shapes.dtype == level_start_index.dtype == torch.int64
+    assert spatial_shapes.tolist() == [[7, 5], [3, 9], [1, 1]]
+    assert level_start_index.tolist() == [0, 35, 62]  # 0, 7 * 5, 7 * 5 + 3 * 9
+    for bad in ([(7, 5), (0, 9)], [(-1, 5)], [(2**15, 2**15 + 1)]):
+        with pytest.raises(ValueError, match=r"spatial_shapes\[\d\] = .* positive sizes"):
+            ms_deform_attn_levels(bad)
 
 
 def test_raw_backward_checks_grad_output(gen):

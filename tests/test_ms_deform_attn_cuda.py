@@ -3,8 +3,11 @@
 Two kinds of tests:
 - emulated: the device code (detrkit/csrc/ms_deform_attn/cuda/kernels.cuh) compiled as host
   code with a CPU emulation of warps (threads, shuffles, atomics) and run against the float64
-  reference. This checks the thread mapping, the shuffles, the reductions and the grad_value
-  atomics on machines without a GPU; it cannot check speed, vector loads or the real atomics.
+  reference, launched with the grid, block, shared memory and vector width that the CUDA
+  launcher's own planner (cuda/launch_plan.h) chooses, which is also tested on its own. This
+  checks the launch planning, the thread mapping, the shuffles, the reductions and the
+  grad_value atomics on machines without a GPU; it cannot check speed, the vector loads'
+  alignment faults or the real atomics.
 - `@pytest.mark.cuda`: the built extension on a real GPU (skipped where torch sees none).
 """
 
@@ -18,12 +21,13 @@ import subprocess
 import pytest
 import torch
 import torch.utils.cpp_extension
+from ms_deform_attn_helpers import make_inputs, reference_with_grads
 
 from detrkit.layers import (
     MultiScaleDeformableAttention,
     ms_deform_attn,
     ms_deform_attn_backend,
-    ms_deform_attn_reference,
+    ms_deform_attn_levels,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,32 +35,6 @@ CSRC = os.path.join(REPO_ROOT, "detrkit", "csrc")
 EMULATION_SOURCE = os.path.join(CSRC, "ms_deform_attn", "cuda", "emulation", "emulate.cc")
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def make_inputs(gen, shapes, N, M, D, Lq, P, dtype=torch.float64, loc_dtype=None, margin=0.25):
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
-    S, L = int(sizes.sum()), len(shapes)
-    value = torch.randn(N, S, M, D, generator=gen, dtype=torch.float64).to(dtype)
-    locations = torch.rand(N, Lq, M, L, P, 2, generator=gen, dtype=torch.float64)
-    locations = (locations * (1 + 2 * margin) - margin).to(loc_dtype or dtype)
-    weights = torch.rand(N, Lq, M, L, P, generator=gen, dtype=torch.float64).to(loc_dtype or dtype)
-    return [value, spatial_shapes, level_start_index, locations, weights]
-
-
-def reference_with_grads(inputs, grad_output):
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
-    out = ms_deform_attn_reference(leaves[0], inputs[1].cpu(), inputs[2].cpu(), *leaves[1:])
-    grads = torch.autograd.grad(out, leaves, grad_output.detach().cpu().double())
-    return out, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +60,37 @@ def emulated(tmp_path_factory):
 SUFFIX = {
     (torch.float32, torch.float32): "f32",
     (torch.float64, torch.float64): "f64",
+    (torch.float16, torch.float16): "f16_f16",
+    (torch.float16, torch.float32): "f16_f32",
+    (torch.bfloat16, torch.bfloat16): "bf16_bf16",
     (torch.bfloat16, torch.float32): "bf16_f32",
 }
+PLAN_FIELDS = ("grid", "block", "smem", "vec", "group")
+STATUS = {-1: "planner refused", -2: "shared memory overrun", -3: "no kernel for the width"}
 
 
-def run_emulated(lib, inputs, grad_output, forced_vec=0):
+def offset_copy(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """`t`'s values in a buffer starting `elements` elements into a fresh (64-byte aligned)
+    allocation, so that its address is aligned to `elements * itemsize` bytes at best."""
+    storage = torch.empty(t.numel() + elements, dtype=t.dtype)
+    view = storage[elements:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def call_entry(entry, *args) -> dict:
+    """Calls an emulated kernel entry; returns its launch plan, failing on a bad status."""
+    plan = (ctypes.c_int64 * len(PLAN_FIELDS))()
+    entry.restype = ctypes.c_int
+    status = entry(*args, plan)
+    assert status == 0, STATUS.get(status, status)
+    return dict(zip(PLAN_FIELDS, plan))
+
+
+def run_emulated(lib, inputs, grad_output):
+    """Forward and backward of the emulated CUDA kernels on CPU buffers, launched as the CUDA
+    launcher plans them for these buffers. Returns the plan (forward's and backward's agree
+    here), the output and the gradients."""
     value, spatial_shapes, level_start_index, loc, weights = inputs
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], spatial_shapes.shape[0], loc.shape[4]
@@ -94,74 +98,73 @@ def run_emulated(lib, inputs, grad_output, forced_vec=0):
     sizes = [ctypes.c_int64(x) for x in (N, S, M, D, Lq, L, P)]
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())
     out = torch.full((N, Lq, M * D), float("nan"), dtype=value.dtype)
-    forward = getattr(lib, f"msda_emulated_forward_{suffix}")
-    forward.restype = ctypes.c_int
-    G = forward(
+    forward_plan = call_entry(
+        getattr(lib, f"msda_emulated_forward_{suffix}"),
         *map(ptr, (value, spatial_shapes, level_start_index, loc, weights, out)),
         *sizes,
-        ctypes.c_int(forced_vec),
     )
     acc = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=acc)
     # NaN-filled: every entry must be written by exactly the lane that owns it
     grad_loc = torch.full_like(loc, float("nan"))
     grad_weights = torch.full_like(weights, float("nan"))
-    backward = getattr(lib, f"msda_emulated_backward_{suffix}")
-    backward.restype = ctypes.c_int
-    G2 = backward(
+    backward_plan = call_entry(
+        getattr(lib, f"msda_emulated_backward_{suffix}"),
         *map(ptr, (grad_output, value, spatial_shapes, level_start_index, loc, weights)),
         *map(ptr, (grad_value, grad_loc, grad_weights)),
         *sizes,
-        ctypes.c_int(forced_vec),
     )
-    assert G > 0 and G == G2, (G, G2)
-    return G, out, (grad_value, grad_loc, grad_weights)
+    assert forward_plan == backward_plan
+    return backward_plan, out, (grad_value, grad_loc, grad_weights)
 
 
 EMULATED_CASES = {
-    # name: (shapes, N, M, D, Lq, P, value dtype, loc dtype, forced vector width, group size)
-    "f64_d6": (((7, 5), (3, 9), (1, 1)), 3, 3, 6, 7, 3, torch.float64, torch.float64, 0, 4),
-    "f32_d32_float4": (((6, 7), (3, 4)), 2, 2, 32, 9, 4, torch.float32, torch.float32, 0, 8),
-    "f32_d96_scalar_rounds": (((4, 5),), 1, 2, 96, 3, 5, torch.float32, torch.float32, 1, 32),
-    "f32_d12_partial_group": (
-        ((5, 3), (2, 2)),
-        3,
-        1,
-        12,
-        10,
-        3,
-        torch.float32,
-        torch.float32,
-        0,
-        4,
-    ),
-    "f32_d8_vec2": (((3, 6),), 2, 3, 8, 11, 7, torch.float32, torch.float32, 2, 4),
-    "f32_d3_one_lane_points": (((4, 4), (2, 5)), 5, 2, 3, 6, 9, torch.float32, torch.float32, 0, 4),
-    "bf16_d32_vec8": (((6, 5), (3, 3)), 2, 2, 32, 8, 4, torch.bfloat16, torch.float32, 0, 4),
+    # name: (shapes, N, M, D, Lq, P, value dtype, loc dtype, value offset in elements,
+    #        expected (vector width, group size))
+    "f64_d6": (((7, 5), (3, 9), (1, 1)), 3, 3, 6, 7, 3, torch.float64, torch.float64, 0, (2, 4)),
+    "f32_d32_float4": (((6, 7), (3, 4)), 2, 2, 32, 9, 4, torch.float32, torch.float32, 0, (4, 8)),
+    # value 4-byte aligned only: scalar loads, 96 channels in 3 rounds of 32 lanes
+    "f32_d96_scalar_rounds": (((4, 5),), 1, 2, 96, 3, 5, torch.float32, torch.float32, 1, (1, 32)),
+    "f32_d12_partial_group": (((5, 3), (2, 2)), 3, 1, 12, 10, 3, torch.float32, None, 0, (4, 4)),
+    # value 8-byte aligned only: float2 loads
+    "f32_d8_vec2": (((3, 6),), 2, 3, 8, 11, 7, torch.float32, torch.float32, 2, (2, 4)),
+    "f32_d3_one_lane_points": (((4, 4), (2, 5)), 5, 2, 3, 6, 9, torch.float32, None, 0, (1, 4)),
+    "bf16_f32_d32": (((6, 5), (3, 3)), 2, 2, 32, 8, 4, torch.bfloat16, torch.float32, 0, (8, 4)),
+    "bf16_bf16_d24_vec2": (((5, 6), (2, 3)), 2, 2, 24, 7, 3, torch.bfloat16, None, 2, (2, 16)),
+    "f16_f16_d32_vec8": (((6, 5), (3, 3)), 2, 2, 32, 8, 4, torch.float16, None, 0, (8, 4)),
+    "f16_f32_d16_vec4": (((4, 7), (2, 2)), 3, 2, 16, 5, 2, torch.float16, torch.float32, 4, (4, 4)),
+    "f16_f16_d40_scalar": (((3, 5),), 2, 1, 40, 6, 3, torch.float16, None, 1, (1, 32)),
 }
+
+# Tolerance of a result in each dtype against the float64 reference on the same numbers:
+# float32 (float64) accumulation, then one rounding to the result's dtype.
+TOLERANCE = {torch.float64: 1e-11, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("case", EMULATED_CASES)
 def test_emulated_cuda_kernel_matches_reference(case, emulated, gen):
-    shapes, N, M, D, Lq, P, dtype, loc_dtype, vec, expected_group = EMULATED_CASES[case]
+    shapes, N, M, D, Lq, P, dtype, loc_dtype, offset, expected = EMULATED_CASES[case]
     inputs = make_inputs(gen, shapes, N, M, D, Lq, P, dtype=dtype, loc_dtype=loc_dtype)
+    if offset:
+        inputs[0] = offset_copy(inputs[0], offset)
     grad_output = torch.randn(N, Lq, M * D, generator=gen, dtype=torch.float64).to(dtype)
-    group_size, out, grads = run_emulated(emulated, inputs, grad_output, vec)
-    assert group_size == expected_group
+    plan, out, grads = run_emulated(emulated, inputs, grad_output)
+    assert (plan["vec"], plan["group"]) == expected
     ref, ref_grads = reference_with_grads(inputs, grad_output)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     for name, g, r in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
         assert not g.isnan().any(), f"grad of {name}: entries never written"
-        gtol = 1e-11 if dtype == torch.float64 else 1e-4
+        gtol = TOLERANCE[g.dtype]
         torch.testing.assert_close(
             g.double(), r, rtol=gtol, atol=gtol * (1 + r.abs().max().item()), msg=f"grad of {name}"
         )
 
 
 def test_emulated_kernel_never_reads_outside_value(emulated, gen):
-    """Levels that claim more rows than value has (arguments that slipped past the host checks,
-    e.g. while compiling) read nothing; the valid level is still sampled."""
+    """Levels that claim more rows than value has (device-resident level tables are not read
+    back by the host; see ms_deform_attn_levels) read nothing; the valid level is still
+    sampled."""
     inputs = make_inputs(gen, ((4, 5), (3, 3)), 2, 2, 4, 5, 2, dtype=torch.float32)
     inputs[1] = torch.tensor([[4, 5], [300, 300]])  # the second level would run far past S
     grad_output = torch.randn(2, 5, 8, generator=gen)
@@ -173,6 +176,82 @@ def test_emulated_kernel_never_reads_outside_value(emulated, gen):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(grads[1][:, :, :, 1], torch.zeros_like(grads[1][:, :, :, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the launch planner (launch_plan.h): the host code every CUDA call runs first
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_launch(lib, N, Lq, M, D, L, P, itemsize, misaligned_bytes=0) -> tuple[dict, str]:
+    """The planner's launch for sizes and element size, with the first buffer (value) at a
+    1 MiB-aligned address plus misaligned_bytes and the second (a fresh output) aligned.
+    Returns the plan and the planner's error message ("" when it accepts)."""
+    entry = lib.msda_plan_launch
+    entry.restype = ctypes.c_int
+    out = (ctypes.c_int64 * len(PLAN_FIELDS))()
+    error = ctypes.create_string_buffer(256)
+    sizes = [ctypes.c_int64(x) for x in (N, 1000, M, D, Lq, L, P, itemsize)]
+    addresses = [ctypes.c_size_t((1 << 20) + misaligned_bytes), ctypes.c_size_t(1 << 21)]
+    status = entry(*sizes, *addresses, out, error, ctypes.c_int64(len(error)))
+    assert (status == 0) == (error.value == b"")
+    return dict(zip(PLAN_FIELDS, out)), error.value.decode()
+
+
+# (itemsize, D, value misaligned by bytes) -> (vector width, group size), by hand: the widest
+# vector of at most 16 bytes that divides D and the value's alignment; then the smallest power
+# of two of lanes covering D / width chunks, at most 32 (wider D takes rounds).
+VECTOR_CASES = {
+    "f32_d32_aligned": ((4, 32, 0), (4, 8)),
+    "f32_d32_off4": ((4, 32, 4), (1, 32)),
+    "f32_d32_off8": ((4, 32, 8), (2, 16)),
+    "f32_d6": ((4, 6, 0), (2, 4)),
+    "f32_d3": ((4, 3, 0), (1, 4)),
+    "f32_d96_rounds": ((4, 96, 0), (4, 32)),
+    "f64_d32": ((8, 32, 0), (2, 16)),
+    "f64_d32_off8": ((8, 32, 8), (1, 32)),
+    "half_d32_aligned": ((2, 32, 0), (8, 4)),
+    "half_d32_off2": ((2, 32, 2), (1, 32)),
+    "half_d32_off4": ((2, 32, 4), (2, 16)),
+    "half_d32_off8": ((2, 32, 8), (4, 8)),
+    "half_d12": ((2, 12, 0), (4, 4)),
+}
+
+
+@pytest.mark.parametrize("case", VECTOR_CASES)
+def test_planner_vector_width_and_group(case, emulated):
+    (itemsize, D, misaligned), expected = VECTOR_CASES[case]
+    got, error = plan_launch(emulated, 2, 300, 8, D, 4, 4, itemsize, misaligned)
+    assert error == ""
+    assert (got["vec"], got["group"]) == expected
+
+
+@pytest.mark.parametrize(
+    "N, Lq, M, D, L, itemsize, grid",
+    [
+        # (n, q, m) triples * group lanes / 256 threads per block, rounded up; by hand
+        (2, 300, 8, 32, 4, 4, 150),  # 4800 triples * 8 lanes = 38400 threads
+        (2, 300, 8, 32, 4, 2, 75),  # bf16: 4 lanes
+        (1, 5, 3, 32, 1, 4, 1),  # 120 threads
+        (3, 7, 5, 96, 2, 4, 14),  # 105 triples * 32 lanes = 3360 threads = 13.125 blocks
+        (1, 1, 1, 8, 1024, 8, 1),  # the most levels: 1024
+    ],
+)
+def test_planner_grid_block_and_shared_memory(N, Lq, M, D, L, itemsize, grid, emulated):
+    got, error = plan_launch(emulated, N, Lq, M, D, L, 4, itemsize)
+    assert error == ""
+    assert got["grid"] == grid
+    assert got["block"] == 256
+    # the level table: an int64 first row and two int32 sizes per level
+    assert got["smem"] == L * (8 + 4 + 4)
+
+
+def test_planner_refuses_what_cannot_launch(emulated):
+    _, error = plan_launch(emulated, 1, 1, 1, 8, 1025, 4, 4)
+    assert "at most 1024 levels" in error
+    # 2^31 blocks of 256 threads, with 8 lanes per triple
+    _, error = plan_launch(emulated, 1, 2**36, 1, 32, 4, 4, 4)
+    assert "too many queries" in error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,13 +356,35 @@ def test_cuda_unaligned_value_falls_back_to_narrow_loads(gen):
 @needs_gpu
 def test_cuda_bad_input_raises(gen):
     inputs = _to(make_inputs(gen, ((4, 5), (2, 3)), 2, 2, 4, 3, 2, dtype=torch.float32), "cuda")
-    bad_shapes = torch.tensor([[4, 5], [2, 4]], device="cuda")
+    # device-resident level tables are checked where they are built, not read back per call
     with pytest.raises(ValueError, match="spatial_shapes"):
-        ms_deform_attn(inputs[0], bad_shapes, *inputs[2:])
+        ms_deform_attn_levels([(4, 5), (0, 3)], "cuda")
     with pytest.raises(ValueError, match="sampling_locations"):
         ms_deform_attn(inputs[0], inputs[1], inputs[2], inputs[3].cpu(), inputs[4])
     with pytest.raises(RuntimeError, match="attention_weights"):
         torch.ops.detrkit.ms_deform_attn_forward(*inputs[:4], inputs[4].double())
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_forward_and_backward_never_synchronize(gen):
+    """No host-device synchronization on the model's hot path: the entry point checks
+    metadata only and the kernel reads the level table on the device."""
+    inputs = make_inputs(gen, ((9, 13), (5, 7), (3, 4)), 2, 8, 32, 50, 4, dtype=torch.float32)
+    spatial_shapes, level_start_index = ms_deform_attn_levels([(9, 13), (5, 7), (3, 4)], "cuda")
+    value, _, _, loc, weights = [t.cuda() for t in inputs]
+    leaves = [t.requires_grad_() for t in (value, loc, weights)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref, ref_grads = reference_with_grads(inputs, torch.ones(out.shape))
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

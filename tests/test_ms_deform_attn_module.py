@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
 
 from detrkit.layers import MultiScaleDeformableAttention, ms_deform_attn_reference
 
-# the module itself (detrkit.layers.ms_deform_attn is the function, re-exported by the package)
-msda_module = importlib.import_module("detrkit.layers.ms_deform_attn")
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator().manual_seed(seed)
+# the file that defines the module, whose `ms_deform_attn` the spies below replace
+msda_module = importlib.import_module("detrkit.layers.ms_deform_attn.module")
 
 
 SHAPES = ((6, 7), (3, 4), (2, 2))
@@ -85,6 +77,8 @@ def expected_output(
 
 
 def test_initialization_follows_deformable_detr():
+    """The one test of the initialization; tests/test_deformable_detr.py only checks that the
+    model keeps it."""
     module = MultiScaleDeformableAttention(256, 8, 4, 4)
     assert torch.equal(module.sampling_offsets.weight, torch.zeros(256, 256))
     # head k points along angle k * 45 degrees, scaled so the larger |coordinate| is 1
@@ -105,6 +99,24 @@ def test_initialization_follows_deformable_detr():
         assert torch.equal(linear.bias, torch.zeros(256))
 
 
+def test_offset_bias_for_any_head_count():
+    """Head k at angle 2*pi*k/heads (here 3 heads: 0, 120, 240 degrees), scaled so its larger
+    |coordinate| is 1, times (point + 1) on every level; layout (head, level, point, xy)."""
+    heads, levels, points = 3, 2, 3
+    module = MultiScaleDeformableAttention(12, heads, levels, points)
+    expected = []
+    for head in range(heads):
+        angle = 2 * math.pi * head / heads
+        x, y = math.cos(angle), math.sin(angle)
+        largest = max(abs(x), abs(y))
+        for _level in range(levels):
+            for point in range(points):
+                expected += [x / largest * (point + 1), y / largest * (point + 1)]
+    torch.testing.assert_close(
+        module.sampling_offsets.bias.detach(), torch.tensor(expected), atol=1e-6, rtol=0
+    )
+
+
 def test_initial_attention_is_uniform(gen):
     """With the official init the weights are uniform and the sampling pattern is the bias."""
     module = MultiScaleDeformableAttention(32, 4, 3, 2, dropout=0.0).double()
@@ -113,7 +125,7 @@ def test_initial_attention_is_uniform(gen):
 
     def spy(value, shapes, start, locations, weights):
         captured.update(locations=locations, weights=weights)
-        return msda_module.ms_deform_attn_reference(value, shapes, start, locations, weights)
+        return ms_deform_attn_reference(value, shapes, start, locations, weights)
 
     query = torch.randn(5, 2, 32, generator=gen, dtype=torch.float64)
     value = torch.randn(S, 2, 32, generator=gen, dtype=torch.float64)
@@ -137,7 +149,7 @@ def test_initial_attention_is_uniform(gen):
 
 @pytest.mark.parametrize("variant, levels", [("deformable_detr", 4), ("single_scale", 1)])
 def test_state_dict_matches_detrex_checkpoint_keys(variant, levels, checkpoint_keys):
-    module = MultiScaleDeformableAttention(256, 8, levels, 4, img2col_step=64)
+    module = MultiScaleDeformableAttention(256, 8, levels, 4)
     prefix = "transformer.encoder.layers.0.attentions.0."
     expected = {
         key[len(prefix) :]: shape
@@ -244,7 +256,7 @@ def test_kernel_and_reference_agree_through_the_module(gen):
     grads = {k: p.grad.clone() for k, p in module.named_parameters()}
     module.zero_grad()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(msda_module, "ms_deform_attn", msda_module.ms_deform_attn_reference)
+        mp.setattr(msda_module, "ms_deform_attn", ms_deform_attn_reference)
         expected = module(query, **args)
         expected.square().sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 // detrkit._C: registers detrkit's custom operators with the PyTorch dispatcher.
 //
 // Importing the module (or torch.ops.load_library on the .so) runs these static registrations.
-// The schema lives here; the Python side (detrkit/layers/ms_deform_attn.py) adds the fake
+// The schema lives here; the Python side (detrkit/layers/ms_deform_attn/op.py) adds the fake
 // kernels and the autograd formula, and serves devices without a kernel with the pure-PyTorch
 // reference.
 #include <Python.h>
@@ -12,7 +12,7 @@
 
 TORCH_LIBRARY(detrkit, m) {
   // Fake kernels and the autograd formula are registered from this Python module.
-  m.set_python_module("detrkit.layers.ms_deform_attn");
+  m.set_python_module("detrkit.layers.ms_deform_attn.op");
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> Tensor",

@@ -14,6 +14,7 @@ from .ms_deform_attn import (
     MultiScaleDeformableAttention,
     ms_deform_attn,
     ms_deform_attn_backend,
+    ms_deform_attn_levels,
     ms_deform_attn_reference,
 )
 from .position_embedding import PositionEmbeddingSine
@@ -33,6 +34,7 @@ __all__ = [
     "inverse_sigmoid",
     "ms_deform_attn",
     "ms_deform_attn_backend",
+    "ms_deform_attn_levels",
     "ms_deform_attn_reference",
     "paired_generalized_box_iou",
 ]

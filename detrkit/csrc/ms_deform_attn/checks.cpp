@@ -1,7 +1,9 @@
-// Argument checks shared by the CPU and CUDA entry points. The Python wrapper
-// (detrkit.layers.ms_deform_attn) runs the same checks with friendlier wording first; these are
-// the last line of defence for callers of torch.ops.detrkit.* directly, so a bad argument is a
-// RuntimeError naming it and never an out-of-bounds read.
+// Argument checks shared by the CPU and CUDA entry points. The public Python entry point
+// (ms_deform_attn in detrkit/layers/ms_deform_attn/op.py) runs the same checks first, raising
+// ValueError / TypeError; these are for callers of torch.ops.detrkit.* directly, so that a bad
+// argument is a RuntimeError naming it and never an out-of-bounds read. The values of
+// spatial_shapes / level_start_index are checked on the CPU only (check_level_data); the CUDA
+// kernel does not read them back to the host and skips levels that fall outside value.
 #include "ms_deform_attn/ms_deform_attn.h"
 
 namespace detrkit {

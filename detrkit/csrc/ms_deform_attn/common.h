@@ -4,7 +4,8 @@
 // (CUDA kernel), so the CPU tests exercise the same bilinear sampling and its derivatives that
 // the GPU runs. The kernels differ only in how they split the work and how they reduce.
 //
-// Conventions (see docs/model.md, "Multi-scale deformable attention"):
+// Conventions (docs/model.md, "Multi-scale deformable attention"; shapes in
+// detrkit/layers/ms_deform_attn/op.py):
 //   value            (N, S, M, D), D contiguous; a level starts at row `level_start` of S.
 //   a location       normalized (x, y); pixel coordinate = loc * size - 0.5 (align_corners=False).
 //   zero padding     a corner contributes only when it lies inside the (H, W) map.
@@ -25,6 +26,12 @@
 
 namespace detrkit {
 namespace msda {
+
+// Sizes of one call, read off the (already checked) arguments: batch N, value rows S, heads M,
+// channels per head D, queries Lq, levels L, points per level P.
+struct Dims {
+  int64_t N, S, M, D, Lq, L, P;
+};
 
 // Largest H, W and H * W of one level: corner rows y * W + x are int32 in the kernels.
 constexpr int64_t kMaxLevelSize = int64_t{1} << 30;

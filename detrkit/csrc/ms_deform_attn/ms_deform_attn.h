@@ -15,11 +15,6 @@
 namespace detrkit {
 namespace msda {
 
-// Sizes read off the (already checked) arguments.
-struct Dims {
-  int64_t N, S, M, D, Lq, L, P;
-};
-
 // Checks everything that does not need the data of spatial_shapes: ranks, matching sizes, the
 // dtype rule, devices and contiguity. Raises c10::Error (RuntimeError in Python) naming the
 // argument at fault.

@@ -1,5 +1,6 @@
 // Device code of the CUDA kernel of multi-scale deformable attention (see
-// ms_deform_attn_cuda.cu for the host side and the design notes).
+// ms_deform_attn_cuda.cu for the launchers and the design notes, launch_plan.h for the launch
+// configuration).
 //
 // This header depends on common.h and the standard library only, so that the same kernels can
 // also be compiled as host code by the CPU emulation of warps used in the tests
@@ -13,6 +14,7 @@
 #include <type_traits>
 
 #include "ms_deform_attn/common.h"
+#include "ms_deform_attn/cuda/launch_plan.h"
 
 #if defined(MSDA_CUDA_EMULATION)
 #define MSDA_LEVEL_SMEM(name) int64_t* name = ::msda_emulation::dynamic_shared<int64_t>()
@@ -24,16 +26,15 @@ namespace detrkit {
 namespace msda {
 namespace cuda_kernels {
 
-// 256 threads per block. Minimum resident blocks per SM, i.e. register caps: forward 4 (<= 64
+// Minimum resident blocks of kBlock threads per SM, i.e. register caps: forward 4 (<= 64
 // registers, about 50 needed), backward 3 (<= 85, about 80 needed): both compile without spills
 // for sm_80 and sm_90 in float32 / float16 / bfloat16 (checked with -Xptxas -v).
-constexpr int kBlock = 256;
 constexpr int kForwardMinBlocks = 4;
 constexpr int kBackwardMinBlocks = 3;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kMaxLevels = 1024;  // bounds the level table in shared memory
 
-// Loads the level table (start row, H, W) into shared memory. A level whose rows would fall
+// Loads the level table (start row, H, W) into shared memory (level_table_bytes(L) of
+// launch_plan.h: L int64 starts, then 2 * L int32 sizes). A level whose rows would fall
 // outside value's S rows (inconsistent arguments that escaped the host checks, e.g. under
 // torch.compile) gets size 0, so it reads nothing instead of reading out of bounds.
 __device__ __forceinline__ void load_level_table(const int64_t* __restrict__ spatial_shapes,
@@ -268,28 +269,6 @@ __global__ void __launch_bounds__(kBlock, kBackwardMinBlocks)
       }
     }
   }
-}
-
-// Host helpers of the launch (shared with the emulation).
-
-// Widest vector (up to 16 bytes) that divides D and keeps every pointer aligned.
-inline int pick_vec(int64_t D, size_t elem_size, std::initializer_list<const void*> ptrs) {
-  int vec = static_cast<int>(16 / elem_size);
-  auto aligned = [&](int v) {
-    for (const void* p : ptrs) {
-      if (reinterpret_cast<uintptr_t>(p) % (v * elem_size) != 0) return false;
-    }
-    return true;
-  };
-  while (vec > 1 && (D % vec != 0 || !aligned(vec))) vec /= 2;
-  return vec;
-}
-
-inline int pick_group(int64_t D, int vec) {
-  const int64_t chunks = (D + vec - 1) / vec;
-  int g = 1;
-  while (g < chunks && g < 32) g *= 2;
-  return g;
 }
 
 }  // namespace cuda_kernels

@@ -13,18 +13,17 @@
 // itself for float32, a workspace cast at the end for float16 / bfloat16, double for float64.
 //
 // The kernels are in kernels.cuh (device code only, also compiled by the CPU emulation the tests
-// run on machines without a GPU); this file holds the launchers. The bilinear math is common.h,
+// run on machines without a GPU), the launch configuration in launch_plan.h (plain host code,
+// also called by the emulation); this file holds the launchers. The bilinear math is common.h,
 // shared with the CPU kernel. Design target (H100, encoder shape, batch 2): forward <= 0.4 ms
-// fp32 / 0.25 ms bf16, forward + backward <= 1.5 ms bf16; not measured yet (no GPU so far).
+// fp32 / 0.25 ms bf16, forward + backward <= 1.5 ms bf16; not yet measured on a GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <climits>
 #include <cstdint>
-#include <type_traits>
 
 #include "ms_deform_attn/common.h"
 #include "ms_deform_attn/cuda/kernels.cuh"
@@ -37,48 +36,12 @@ namespace {
 
 using namespace cuda_kernels;
 
+// Checks the plan and launches launch(integral_constant<int, VEC>) for its vector width.
 template <typename scalar_t, typename F>
-void dispatch_vec(int vec, F&& f) {
-  switch (vec) {
-    case 1:
-      f(std::integral_constant<int, 1>{});
-      break;
-    case 2:
-      f(std::integral_constant<int, 2>{});
-      break;
-    case 4:
-      if constexpr (4 * sizeof(scalar_t) <= 16) {
-        f(std::integral_constant<int, 4>{});
-        break;
-      }
-      [[fallthrough]];
-    case 8:
-      if constexpr (8 * sizeof(scalar_t) <= 16) {
-        f(std::integral_constant<int, 8>{});
-        break;
-      }
-      [[fallthrough]];
-    default:
-      TORCH_CHECK(false, "ms_deform_attn: internal error, no kernel for vector width ", vec);
-  }
-}
-
-struct Launch {
-  dim3 grid;
-  size_t smem;
-  int G;
-};
-
-Launch plan_launch(const Dims& d, int vec) {
-  TORCH_CHECK(d.L <= kMaxLevels, "ms_deform_attn: at most ", kMaxLevels, " levels, got ", d.L);
-  TORCH_CHECK(d.M <= INT_MAX && d.D <= INT_MAX && d.L * d.P <= INT_MAX,
-              "ms_deform_attn: heads, channels and points must each fit in int32");
-  const int G = pick_group(d.D, vec);
-  const int64_t groups = d.N * d.Lq * d.M;
-  const int64_t blocks = (groups * G + kBlock - 1) / kBlock;
-  TORCH_CHECK(blocks <= INT_MAX, "ms_deform_attn: too many queries for one launch (", groups,
-              " (n, q, m) triples)");
-  return {dim3(static_cast<unsigned>(blocks)), static_cast<size_t>(d.L) * (8 + 8), G};
+void launch_with(const LaunchPlan& plan, F&& launch) {
+  TORCH_CHECK(plan.error.empty(), plan.error);
+  const bool launched = dispatch_vec<scalar_t>(plan.vec, launch);
+  TORCH_CHECK(launched, "ms_deform_attn: internal error, no kernel for vector width ", plan.vec);
 }
 
 void check_cuda(const at::Tensor& value) {
@@ -103,16 +66,16 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
       [&](auto value_tag, auto loc_tag) {
         using scalar_t = typename decltype(value_tag)::type;
         using loc_t = typename decltype(loc_tag)::type;
-        const int vec = pick_vec(d.D, sizeof(scalar_t), {value.const_data_ptr(), out.data_ptr()});
-        const Launch launch = plan_launch(d, vec);
-        dispatch_vec<scalar_t>(vec, [&](auto vec_tag) {
+        const LaunchPlan plan =
+            plan_forward(d, sizeof(scalar_t), value.const_data_ptr(), out.const_data_ptr());
+        launch_with<scalar_t>(plan, [&](auto vec_tag) {
           constexpr int VEC = decltype(vec_tag)::value;
-          forward_kernel<scalar_t, loc_t, VEC><<<launch.grid, kBlock, launch.smem, stream>>>(
+          forward_kernel<scalar_t, loc_t, VEC><<<plan.grid, plan.block, plan.smem, stream>>>(
               value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
               level_start_index.const_data_ptr<int64_t>(),
               sampling_locations.const_data_ptr<loc_t>(), attention_weights.const_data_ptr<loc_t>(),
               out.mutable_data_ptr<scalar_t>(), d.N * d.Lq * d.M, d.Lq, static_cast<int>(d.M),
-              static_cast<int>(d.D), d.S, static_cast<int>(d.L), static_cast<int>(d.P), launch.G);
+              static_cast<int>(d.D), d.S, static_cast<int>(d.L), static_cast<int>(d.P), plan.group);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -145,13 +108,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
           using scalar_t = typename decltype(value_tag)::type;
           using loc_t = typename decltype(loc_tag)::type;
           using acc_t = typename AccType<scalar_t>::type;
-          const int vec = pick_vec(d.D, sizeof(scalar_t),
-                                   {value.const_data_ptr(), grad_output.const_data_ptr()});
-          // The accumulation buffer is fresh (aligned) and has the same element offsets.
-          const Launch launch = plan_launch(d, vec);
-          dispatch_vec<scalar_t>(vec, [&](auto vec_tag) {
+          const LaunchPlan plan = plan_backward(d, sizeof(scalar_t), value.const_data_ptr(),
+                                                grad_output.const_data_ptr());
+          launch_with<scalar_t>(plan, [&](auto vec_tag) {
             constexpr int VEC = decltype(vec_tag)::value;
-            backward_kernel<scalar_t, loc_t, VEC><<<launch.grid, kBlock, launch.smem, stream>>>(
+            backward_kernel<scalar_t, loc_t, VEC><<<plan.grid, plan.block, plan.smem, stream>>>(
                 grad_output.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
                 spatial_shapes.const_data_ptr<int64_t>(),
                 level_start_index.const_data_ptr<int64_t>(),
@@ -159,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                 attention_weights.const_data_ptr<loc_t>(), grad_acc.mutable_data_ptr<acc_t>(),
                 grad_loc.mutable_data_ptr<loc_t>(), grad_attn.mutable_data_ptr<loc_t>(),
                 d.N * d.Lq * d.M, d.Lq, static_cast<int>(d.M), static_cast<int>(d.D), d.S,
-                static_cast<int>(d.L), static_cast<int>(d.P), launch.G);
+                static_cast<int>(d.L), static_cast<int>(d.P), plan.group);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -65,14 +66,28 @@ struct Warp {
   alignas(8) unsigned char slot[32][8];
 };
 
+// Bytes after a block's dynamic shared memory that are filled with kGuardByte and checked after
+// the block ran: a kernel that uses more shared memory than it was launched with overwrites
+// them (on a GPU it would read or write memory it does not own).
+constexpr size_t kGuardBytes = 4096;
+constexpr unsigned char kGuardByte = 0xA5;
+
 struct Block {
   Dim3 idx, dim;
   Barrier barrier;
   std::vector<Warp> warps;
-  std::vector<int64_t> shared;
-  Block(unsigned threads, size_t shared_bytes)
-      : barrier(static_cast<int>(threads)), warps(threads / 32), shared((shared_bytes + 7) / 8) {
+  size_t shared_bytes;
+  std::vector<unsigned char> shared;  // operator new storage: aligned for int64 / double
+  Block(unsigned threads, size_t bytes)
+      : barrier(static_cast<int>(threads)),
+        warps(threads / 32),
+        shared_bytes(bytes),
+        shared(bytes + kGuardBytes, kGuardByte) {
     dim.x = threads;
+  }
+  bool guard_intact() const {
+    return std::all_of(shared.begin() + static_cast<std::ptrdiff_t>(shared_bytes), shared.end(),
+                       [](unsigned char c) { return c == kGuardByte; });
   }
 };
 
@@ -116,9 +131,10 @@ inline void check_width(int width) {
   }
 }
 
-// Launches kernel() on a grid x block threads, one block at a time.
+// Launches kernel() on a grid x block threads, one block at a time, with shared_bytes of
+// dynamic shared memory per block. Returns false when a block wrote past its shared memory.
 template <typename Kernel>
-void launch(unsigned grid, unsigned block_threads, size_t shared_bytes, Kernel&& kernel) {
+bool launch(unsigned grid, unsigned block_threads, size_t shared_bytes, Kernel&& kernel) {
   if (block_threads % 32 != 0) {
     std::fprintf(stderr, "cuda emulation: blocks must be whole warps\n");
     std::_Exit(73);
@@ -136,7 +152,13 @@ void launch(unsigned grid, unsigned block_threads, size_t shared_bytes, Kernel&&
       });
     }
     for (auto& thread : threads) thread.join();
+    if (!block.guard_intact()) {
+      std::fprintf(stderr, "cuda emulation: block %u wrote past its %zu bytes of shared memory\n",
+                   b, shared_bytes);
+      return false;
+    }
   }
+  return true;
 }
 
 }  // namespace msda_emulation

@@ -1,0 +1,201 @@
+"""MultiScaleDeformableAttention, the module around the `ms_deform_attn` operator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .op import ms_deform_attn
+
+__all__ = ["MultiScaleDeformableAttention"]
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Deformable attention over a multi-level feature pyramid (detrex's module, same names).
+
+    Each query predicts, per head, level and point, a sampling offset around its reference point
+    and an attention weight (softmax jointly over levels x points); the output is the weighted
+    sum of the bilinearly sampled values, projected, plus the identity (residual).
+
+    Args:
+        embed_dim: features of query and value.
+        num_heads: attention heads; embed_dim must be divisible by it.
+        num_levels: feature levels sampled.
+        num_points: points sampled per head and level.
+        dropout: dropout on the projected output, before the residual.
+        batch_first: query/value/identity are (N, L, C) if True, else (L, N, C).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dropout: float = 0.1,
+        batch_first: bool = False,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: embed_dim ({embed_dim}) must be divisible by "
+                f"num_heads ({num_heads})"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.batch_first = batch_first
+        self.dropout = nn.Dropout(dropout)
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Deformable DETR's initialization: head h's points start along direction
+        2*pi*h/num_heads (scaled so the larger |coordinate| is 1), point i at (i + 1) times it,
+        on every level; uniform attention; xavier projections."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float64) * (
+            2.0 * math.pi / self.num_heads
+        )
+        directions = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (heads, 2) as (x, y)
+        directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+        scale = torch.arange(1, self.num_points + 1, dtype=torch.float64).view(1, 1, -1, 1)
+        bias = directions.view(self.num_heads, 1, 1, 2).repeat(
+            1, self.num_levels, self.num_points, 1
+        )
+        bias = bias * scale  # (heads, levels, points, xy)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def _check_own_inputs(
+        self,
+        N: int,
+        Lq: int,
+        S: int,
+        reference_points: Tensor | None,
+        spatial_shapes: Tensor | None,
+        key_padding_mask: Tensor | None,
+    ) -> None:
+        """Shapes of the inputs the operator never sees as given (reference points and the
+        padding mask become sampling locations and zeroed values; spatial_shapes must have one
+        row per level of this module). Metadata only: no data is read. Everything the operator
+        receives is checked once, by `ms_deform_attn`."""
+        if reference_points is None or spatial_shapes is None:
+            raise ValueError(
+                "MultiScaleDeformableAttention: reference_points and spatial_shapes are required"
+            )
+        L = self.num_levels
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[0] != L:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: spatial_shapes must be ({L}, 2) for num_levels="
+                f"{L}, got shape {tuple(spatial_shapes.shape)}"
+            )
+        if (
+            reference_points.dim() != 4
+            or reference_points.shape[-1] not in (2, 4)
+            or reference_points.shape[0] != N
+            or reference_points.shape[1] != Lq
+            or reference_points.shape[2] not in (L, 1)
+        ):
+            raise ValueError(
+                "MultiScaleDeformableAttention: reference_points must be (N, Lq, L, 2) points or "
+                f"(N, Lq, L, 4) boxes with N={N}, Lq={Lq} and L={L} (or 1), got shape "
+                f"{tuple(reference_points.shape)}"
+            )
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
+            raise ValueError(
+                f"MultiScaleDeformableAttention: key_padding_mask must be (N, S) = ({N}, {S}), "
+                f"got shape {tuple(key_padding_mask.shape)}"
+            )
+
+    def forward(
+        self,
+        query: Tensor,
+        value: Tensor | None = None,
+        identity: Tensor | None = None,
+        query_pos: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes: Tensor | None = None,
+        level_start_index: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (Lq, N, C), or (N, Lq, C) with batch_first.
+            value: (S, N, C) or (N, S, C); defaults to query (self-attention in the encoder).
+            identity: added to the output; defaults to query (before query_pos is added).
+            query_pos: added to query before predicting offsets and weights.
+            key_padding_mask: (N, S) bool, True at padded value positions (they read zeros).
+            reference_points: (N, Lq, L, 2) normalized (x, y), or (N, Lq, L, 4) boxes
+                (cx, cy, w, h); L may be 1 to share one reference across levels.
+            spatial_shapes: (L, 2) int64 (H, W) per level.
+            level_start_index: (L,) int64; computed from spatial_shapes when None.
+        Returns:
+            identity + dropout(output_proj(attention)), in query's layout.
+        """
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query = query.transpose(0, 1)
+            value = value.transpose(0, 1)
+        N, Lq, _ = query.shape
+        S = value.shape[1]
+        L, P, M = self.num_levels, self.num_points, self.num_heads
+        self._check_own_inputs(N, Lq, S, reference_points, spatial_shapes, key_padding_mask)
+        if level_start_index is None:
+            sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+            level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(N, S, M, -1)
+
+        # Locations and weights stay float32 when value is half (autocast) so sampling positions
+        # keep their precision; float64 models keep float64.
+        loc_dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2).to(loc_dtype)
+        logits = self.attention_weights(query).view(N, Lq, M, L * P).to(loc_dtype)
+        attention_weights = logits.softmax(-1).view(N, Lq, M, L, P)
+        reference_points = reference_points.to(loc_dtype)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: x / W_l, y / H_l
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(loc_dtype)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        else:
+            # offsets are in units of half the box size, spread over the points
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+
+        output = ms_deform_attn(
+            value.contiguous(),
+            spatial_shapes.contiguous(),
+            level_start_index.contiguous(),
+            sampling_locations.contiguous(),
+            attention_weights.contiguous(),
+        )
+        output = self.output_proj(output)
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        return identity + self.dropout(output)
