@@ -1,7 +1,8 @@
 """The training engine: command line, process launching, per-process setup, the trainer, its
-hooks and the metric writers."""
+hooks and the metric writers; `DefaultPredictor` for inference on single images."""
 
 from .cli import default_argument_parser
+from .defaults import DefaultPredictor, build_inference_model
 from .ema import ModelEMA
 from .events import (
     CommonMetricPrinter,
@@ -27,6 +28,7 @@ from .trainer import Trainer, TrainerBase, create_ddp_model
 
 __all__ = [
     "CommonMetricPrinter",
+    "DefaultPredictor",
     "EMAHook",
     "EvalHook",
     "EventStorage",
@@ -44,6 +46,7 @@ __all__ = [
     "Trainer",
     "TrainerBase",
     "WarmupParamScheduler",
+    "build_inference_model",
     "create_ddp_model",
     "default_argument_parser",
     "default_setup",
