@@ -95,8 +95,8 @@ class VisImage:
         return np.asarray(self.image.convert("RGB")).copy()
 
     def save(self, path: str) -> None:
-        """Write the picture; the format follows the file extension (jpg, png, ...)."""
-        self.image.convert("RGB").save(path)
+        """Write the picture; the format follows the file extension (jpg at quality 95)."""
+        self.image.convert("RGB").save(path, quality=95)
 
 
 def _as_pil(image: np.ndarray | Image.Image, scale: float = 1.0) -> Image.Image:
