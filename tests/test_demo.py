@@ -3,7 +3,6 @@ json equal to DefaultPredictor's detections, unreadable inputs named and skipped
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from detrkit.config import LazyConfig, instantiate
 from detrkit.data import generate_shapes_dataset, read_image
 from detrkit.engine import DefaultPredictor
+from tests.helpers import load_script
 from tests.test_engine_defaults import SHAPES_TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("demo_under_test", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DEMO, "demo_under_test")
 
 
 @pytest.fixture(scope="module")
