@@ -39,6 +39,7 @@ from detrkit.config import ConfigError, LazyConfig
 from detrkit.data import MetadataCatalog
 from detrkit.data.detection_utils import ImageLoadError, read_image
 from detrkit.engine import DefaultPredictor
+from detrkit.engine.cli import UsageError, check_overrides
 from detrkit.evaluation.coco import instances_to_coco_json
 from detrkit.utils.logger import setup_logger
 from detrkit.utils.visualizer import Visualizer
@@ -51,10 +52,6 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 
 # a config override: a dotted key (list indices allowed), '=', a value
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
-
-
-class UserError(Exception):
-    """A command-line or config mistake: reported in one line, exit code 2."""
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -135,13 +132,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def merge_overrides(overrides: list[str], opts: list[str]) -> list[str]:
     """Trailing KEY=VALUE items plus `--opts` items, where `KEY VALUE` pairs become KEY=VALUE."""
-    merged = []
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(
-                f"config override {item!r} has no '='; accepted: KEY=VALUE, or --opts KEY VALUE"
-            )
-        merged.append(item)
+    merged = check_overrides(overrides)
     i = 0
     while i < len(opts):
         item = opts[i]
@@ -152,7 +143,7 @@ def merge_overrides(overrides: list[str], opts: list[str]) -> list[str]:
             merged.append(f"{item}={opts[i + 1]}")
             i += 2
         else:
-            raise UserError(
+            raise UsageError(
                 f"--opts key {item!r} has no value; accepted: --opts KEY VALUE [KEY VALUE ...] "
                 "or KEY=VALUE items"
             )
@@ -175,18 +166,18 @@ def split_overrides(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     if bool(args.input) == bool(args.video_input):
-        raise UserError("give either --input (images) or --video-input (a video), one of the two")
+        raise UsageError("give either --input (images) or --video-input (a video), one of the two")
     if not 0.0 <= args.confidence_threshold <= 1.0:
-        raise UserError(
+        raise UsageError(
             f"--confidence-threshold {args.confidence_threshold} is outside [0, 1]; accepted: a "
             "score between 0 and 1"
         )
     if args.sampling_points_top_k < 0:
-        raise UserError(
+        raise UsageError(
             f"--sampling-points-top-k {args.sampling_points_top_k} is negative; accepted: K >= 0"
         )
     if args.metadata_dataset and args.metadata_dataset not in MetadataCatalog.list():
-        raise UserError(
+        raise UsageError(
             f"--metadata-dataset {args.metadata_dataset!r} is not registered; registered: "
             f"{', '.join(sorted(MetadataCatalog.list()))}"
         )
@@ -226,7 +217,7 @@ def output_paths(output: str | None, inputs: list[str], extension: str | None = 
     is_file = os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     if is_file and not os.path.isdir(output):
         if len(inputs) != 1:
-            raise UserError(
+            raise UsageError(
                 f"--output {output} is a file name but there are {len(inputs)} inputs; accepted: "
                 "a folder for several inputs"
             )
@@ -346,7 +337,7 @@ def _import_av():
     try:
         import av
     except ImportError:
-        raise UserError(
+        raise UsageError(
             "--video-input needs PyAV (the 'av' package), which is not installed; install it "
             "with: pip install av"
         ) from None
@@ -435,14 +426,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.video_input:
             _import_av()
         predictor = DefaultPredictor(cfg)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
     if args.metadata_dataset:
         predictor.metadata = MetadataCatalog.get(args.metadata_dataset)
     try:
         errors = run_video(predictor, args) if args.video_input else run_images(predictor, args)
-    except UserError as e:
+    except UsageError as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
     if errors:

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["default_argument_parser", "default_dist_url"]
+__all__ = ["UsageError", "check_overrides", "default_argument_parser", "default_dist_url"]
 
 
 def default_dist_url() -> str:
@@ -132,3 +132,16 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
         nargs=argparse.REMAINDER,
     )
     return parser
+
+
+class UsageError(ValueError):
+    """A command-line, config or input mistake the user can fix; the tools report it in one line
+    (exit code 2)."""
+
+
+def check_overrides(items: list[str]) -> list[str]:
+    """Config overrides given as KEY=VALUE; anything else is a UsageError naming it."""
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"config override {item!r} has no '='; accepted: KEY=VALUE")
+    return list(items)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DefaultPredictor",
     "build_inference_model",
+    "build_model",
     "inference_device",
     "inference_metadata",
     "test_dataset_names",
@@ -101,27 +103,44 @@ def inference_metadata(cfg: Any, checkpoint_data: Mapping[str, Any] | None = Non
     return Metadata(name="")
 
 
-def _load_inference_model(cfg: Any) -> tuple[nn.Module, torch.device, str, dict[str, Any]]:
-    """Model in eval mode on its device, the input format, and the checkpoint's other data."""
+def build_model(
+    cfg: Any, *, load: bool | None = True
+) -> tuple[nn.Module, torch.device, dict[str, Any]]:
+    """`cfg.model` on `cfg.train.device` (the CPU when CUDA is missing; `cfg.train.device` is
+    updated to the device used, so values interpolated from it follow). Weights: `load=True`
+    loads `cfg.train.init_checkpoint` (an empty value keeps the initialization, with a
+    warning); `load=None` loads it only when that file exists (tools whose numbers do not
+    depend on the weights); `load=False` never. Returns (model, device, the checkpoint's other
+    data such as `iteration` or `metadata`)."""
     _config_node(cfg, "model")
     train = _config_node(cfg, "train")
-    mapper = _config_node(cfg, "dataloader.test.mapper")
     device = inference_device(train.get("device", "cuda"))
-    # config values interpolated from train.device (model.device) follow the fallback
     cfg.train.device = str(device)
-
     model = instantiate(cfg.model)
     model.to(device)
-    model.eval()
     checkpoint = str(train.get("init_checkpoint", "") or "")
-    if not checkpoint:
-        logger.warning(
-            "train.init_checkpoint is empty: predicting with the initial (untrained) weights; "
-            "pass train.init_checkpoint=/path/to/model.pth"
-        )
-    extra = DetectionCheckpointer(model).load(checkpoint)
+    extra: dict[str, Any] = {}
+    if load is None:
+        load = bool(checkpoint) and os.path.isfile(checkpoint)
+        if not load:
+            logger.info("Using the initial weights (train.init_checkpoint is not a file)")
+    if load:
+        if not checkpoint:
+            logger.warning(
+                "train.init_checkpoint is empty: predicting with the initial (untrained) weights; "
+                "pass train.init_checkpoint=/path/to/model.pth"
+            )
+        extra = dict(DetectionCheckpointer(model).load(checkpoint) or {})
+    return model, device, extra
+
+
+def _load_inference_model(cfg: Any) -> tuple[nn.Module, torch.device, str, dict[str, Any]]:
+    """Model in eval mode on its device, the input format, and the checkpoint's other data."""
+    mapper = _config_node(cfg, "dataloader.test.mapper")
+    model, device, extra = build_model(cfg, load=True)
+    model.eval()
     input_format = str(mapper.get("img_format", "RGB") if hasattr(mapper, "get") else "RGB")
-    return model, device, input_format, dict(extra or {})
+    return model, device, input_format, extra
 
 
 def build_inference_model(cfg: Any) -> tuple[nn.Module, torch.device, str]:

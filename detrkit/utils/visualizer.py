@@ -30,6 +30,7 @@ __all__ = [
     "Visualizer",
     "class_color",
     "draw_colorbar",
+    "draw_predictions_and_ground_truth",
     "draw_sampling_points",
     "font_size_for",
     "load_font",
@@ -359,3 +360,23 @@ def tile_panels(
     if colorbar is not None:
         canvas.paste(Image.fromarray(colorbar, "RGB"), (grid_w + gap, 0))
     return np.asarray(canvas).copy()
+
+
+def draw_predictions_and_ground_truth(
+    image_rgb: np.ndarray,
+    predictions: Any,
+    gt_boxes_xyxy: np.ndarray,
+    gt_classes: Sequence[int],
+    metadata: Any = None,
+    score_threshold: float = 0.5,
+) -> np.ndarray:
+    """Two panels side by side: the predictions scoring >= score_threshold, and the ground-truth
+    boxes (dashed), each titled; an HxWx3 uint8 RGB picture."""
+    left = Visualizer(image_rgb, metadata)
+    left.draw_instance_predictions(predictions, score_threshold)
+    left.draw_label(f"predictions >= {score_threshold:g}", (0, 0), (255, 255, 255))
+    right = Visualizer(image_rgb, metadata)
+    for box, class_id in zip(np.asarray(gt_boxes_xyxy).reshape(-1, 4), gt_classes):
+        right.draw_box(box, class_color(class_id), right.class_name(int(class_id)), dashed=True)
+    right.draw_label("ground truth", (0, 0), (255, 255, 255))
+    return tile_panels([left.get_output().get_image(), right.get_output().get_image()], columns=2)
