@@ -34,6 +34,7 @@ from torch import nn
 from detrkit.checkpoint import DetectionCheckpointer
 from detrkit.config import ConfigError, instantiate
 from detrkit.data import Metadata, MetadataCatalog
+from detrkit.data.coco import read_json
 from detrkit.data.transforms import AugInput, AugmentationList
 
 logger = logging.getLogger(__name__)
@@ -87,19 +88,34 @@ def test_dataset_names(cfg: Any) -> list[str]:
     return [names] if isinstance(names, str) else [str(n) for n in names]
 
 
+def _classes_from_json(metadata: Metadata) -> Metadata:
+    """A registered COCO-json dataset that was not loaded yet has no class names in its
+    metadata: read them from its json's categories (contiguous ids follow the sorted ids, as
+    when the dataset is loaded)."""
+    json_file = metadata.get("json_file")
+    if metadata.get("thing_classes") or not json_file or not os.path.isfile(json_file):
+        return metadata
+    categories = sorted(read_json(json_file).get("categories", []), key=lambda c: c["id"])
+    fields = {k: v for k, v in metadata.as_dict().items() if k != "name"}
+    fields["thing_classes"] = [c["name"] for c in categories]
+    fields["thing_dataset_id_to_contiguous_id"] = {c["id"]: i for i, c in enumerate(categories)}
+    return Metadata(name=metadata.name, **fields)
+
+
 def inference_metadata(cfg: Any, checkpoint_data: Mapping[str, Any] | None = None) -> Metadata:
     """Class names (and the rest of the catalog metadata) for drawing and reporting detections.
 
     A checkpoint that carries its own `metadata` (a dict with `thing_classes`) wins, since it
     describes the classes the weights were trained on; otherwise the first test dataset's
-    `MetadataCatalog` entry; otherwise an empty Metadata (callers then print class indices).
+    `MetadataCatalog` entry (class names read from its json if it was not loaded yet);
+    otherwise an empty Metadata (callers then print class indices).
     """
     stored = (checkpoint_data or {}).get("metadata")
     if isinstance(stored, Mapping) and stored.get("thing_classes"):
         return Metadata(name="checkpoint", **dict(stored))
     names = test_dataset_names(cfg)
     if names:
-        return MetadataCatalog.get(names[0])
+        return _classes_from_json(MetadataCatalog.get(names[0]))
     return Metadata(name="")
 
 
