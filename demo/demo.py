@@ -258,17 +258,26 @@ def _to_rgb(image: np.ndarray, input_format: str) -> np.ndarray:
 
 
 def _encoder_pixel(args: argparse.Namespace, instances: Any, image: np.ndarray) -> tuple:
+    """--encoder-pixel, else the centre of the top detection (inside the image), else the
+    image's centre."""
     if args.encoder_pixel is not None:
         return tuple(args.encoder_pixel)
+    height, width = image.shape[:2]
     if len(instances):
         x0, y0, x1, y1 = instances.pred_boxes.tensor[int(instances.scores.argmax())].tolist()
-        return ((x0 + x1) / 2, (y0 + y1) / 2)
-    return (image.shape[1] / 2, image.shape[0] / 2)
+        return (min((x0 + x1) / 2, width - 1.0), min((y0 + y1) / 2, height - 1.0))
+    return (width / 2, height / 2)
 
 
 def write_sampling_points(
-    predictor: DefaultPredictor, image: np.ndarray, path: str, args: argparse.Namespace
+    predictor: DefaultPredictor,
+    image: np.ndarray,
+    instances: Any,
+    path: str,
+    args: argparse.Namespace,
 ) -> None:
+    """The Figure 6 picture of one image whose detections are `instances` (they choose the
+    default encoder pixel: the centre of the top detection)."""
     from PIL import Image
 
     from projects.deformable_detr.sampling_points import (
@@ -276,16 +285,12 @@ def write_sampling_points(
         sampling_points_figure,
     )
 
-    instances = predictor(image)["instances"].to("cpu")
-    height, width = image.shape[:2]
-    x, y = _encoder_pixel(args, instances, image)
-    pixel = (min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0))
     result = collect_sampling_points(
         predictor,
         image,
         top_k=args.sampling_points_top_k,
         score_threshold=args.confidence_threshold,
-        encoder_pixel=pixel,
+        encoder_pixel=_encoder_pixel(args, instances, image),
         encoder_level=args.encoder_level,
     )
     figure = sampling_points_figure(_to_rgb(image, predictor.input_format), result)
@@ -311,12 +316,10 @@ def run_images(predictor: DefaultPredictor, args: argparse.Namespace) -> list[st
         start = time.perf_counter()
         instances = predictor(image)["instances"].to("cpu")
         kept = int((instances.scores >= args.confidence_threshold).sum()) if len(instances) else 0
-        logger.info(
-            "%s: %d detections >= %.2f in %.2f s",
-            file_name,
-            kept,
-            args.confidence_threshold,
-            time.perf_counter() - start,
+        seconds = time.perf_counter() - start
+        # one line per image, printed above the progress bar (tqdm.write keeps the bar intact)
+        tqdm.write(
+            f"{file_name}: {kept} detections >= {args.confidence_threshold:g} in {seconds:.2f} s"
         )
         if out_path is None:
             continue
@@ -329,7 +332,12 @@ def run_images(predictor: DefaultPredictor, args: argparse.Namespace) -> list[st
             json.dump(entries, f, indent=1)
         if args.show_sampling_points:
             stem = os.path.splitext(out_path)[0]
-            write_sampling_points(predictor, image, f"{stem}_sampling_points.png", args)
+            path = f"{stem}_sampling_points.png"
+            try:
+                write_sampling_points(predictor, image, instances, path, args)
+            except ValueError as e:  # --encoder-pixel or --encoder-level outside this image
+                errors.append(f"{file_name}: {e}")
+                tqdm.write(f"demo.py: error: {file_name}: {e}", file=sys.stderr)
     return errors
 
 

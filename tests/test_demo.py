@@ -179,7 +179,7 @@ def test_opts_form_single_output_file_and_missing_inputs(demo, checkpoint, image
     assert code == 1
 
 
-def test_demo_sampling_points_picture(demo, checkpoint, images, tmp_path):
+def test_demo_sampling_points_picture(demo, checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
     code = _run(
         demo,
@@ -196,6 +196,13 @@ def test_demo_sampling_points_picture(demo, checkpoint, images, tmp_path):
     picture = read_image(str(out / f"{images[2].stem}_sampling_points.png"), "RGB")
     # 4 detection panels and the encoder's in 2 rows, each enlarged to a long side of 320 px
     assert picture.shape[0] >= 2 * 200 and picture.shape[1] >= 3 * 320
+
+    # an encoder pixel outside the image: that image's error is reported, exit code 1
+    args = ["--input", images[2], "--output", out, "--show-sampling-points"]
+    code = _run(demo, *args, "--encoder-pixel", 5000, 5, *_overrides(checkpoint))
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 1 and len(err) == 1
+    assert images[2].name in err[0] and "encoder pixel (5000, 5) is outside" in err[0]
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,7 @@ def collect_sampling_points(
         x, y = encoder_pixel
         if not (0 <= x < width and 0 <= y < height):
             raise ValueError(
-                f"encoder pixel ({x}, {y}) is outside the {width}x{height} image; accepted: "
+                f"encoder pixel ({x:g}, {y:g}) is outside the {width}x{height} image; accepted: "
                 f"0 <= x < {width}, 0 <= y < {height}"
             )
 
