@@ -118,6 +118,20 @@ def get_parser() -> argparse.ArgumentParser:
         help="feature level of the encoder query (0 = the finest; default 0)",
     )
     parser.add_argument(
+        "--decoder-layer",
+        type=int,
+        default=-1,
+        metavar="I",
+        help="decoder layer whose cross-attention is drawn (0 = first, -1 = last, the default)",
+    )
+    parser.add_argument(
+        "--encoder-layer",
+        type=int,
+        default=-1,
+        metavar="I",
+        help="encoder layer whose self-attention is drawn (0 = first, -1 = last, the default)",
+    )
+    parser.add_argument(
         "--opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -171,6 +185,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--confidence-threshold {args.confidence_threshold} is outside [0, 1]; accepted: a "
             "score between 0 and 1"
+        )
+    if args.show_sampling_points and args.video_input:
+        raise UsageError(
+            "--show-sampling-points draws pictures of images; accepted with --input, not with "
+            "--video-input"
         )
     if args.sampling_points_top_k < 0:
         raise UsageError(
@@ -292,6 +311,8 @@ def write_sampling_points(
         score_threshold=args.confidence_threshold,
         encoder_pixel=_encoder_pixel(args, instances, image),
         encoder_level=args.encoder_level,
+        decoder_layer=args.decoder_layer,
+        encoder_layer=args.encoder_layer,
     )
     figure = sampling_points_figure(_to_rgb(image, predictor.input_format), result)
     Image.fromarray(figure).save(path)

@@ -213,6 +213,7 @@ def test_demo_sampling_points_picture(demo, checkpoint, images, tmp_path, capsys
         (["--input", "x.jpg", "--opts", "train.device"], "has no value"),
         (["--input", "x.jpg", "--metadata-dataset", "nope"], "'nope' is not registered"),
         (["--input", "x.jpg", "train.nope_key=1"], "train.nope_key"),
+        (["--video-input", "x.mp4", "--show-sampling-points"], "not with --video-input"),
     ],
 )
 def test_user_errors_are_one_line(demo, argv, message, capsys):
@@ -237,6 +238,8 @@ def test_help_lists_every_flag(demo, capsys):
         "--sampling-points-top-k",
         "--encoder-pixel",
         "--encoder-level",
+        "--decoder-layer",
+        "--encoder-layer",
         "--opts",
         "KEY=VALUE",
     ):

@@ -135,6 +135,33 @@ def test_drawn_points_are_what_the_operator_received(tmp_path, refine):
     assert figure.dtype == np.uint8 and figure.shape[0] >= 2 * round(150 * 320 / 190)
 
 
+def test_other_layers(tmp_path):
+    predictor = _predictor(tmp_path)
+    image = np.random.default_rng(3).integers(0, 256, size=(120, 140, 3), dtype=np.uint8)
+    encoder_names, decoder_names = attention_module_names(predictor.model)
+    modules = dict(predictor.model.named_modules())
+    decoder_hooks = _IndependentHooks(modules[decoder_names[0]])
+    encoder_hooks = _IndependentHooks(modules[encoder_names[1]])
+    try:
+        result = collect_sampling_points(
+            predictor, image, top_k=2, encoder_pixel=(10, 100), decoder_layer=0, encoder_layer=1
+        )
+    finally:
+        decoder_hooks.remove()
+        encoder_hooks.remove()
+    size = np.array([140.0, 120.0])
+    locations, _ = decoder_hooks.locations_and_weights()
+    for query in result.decoder:
+        expected = locations[0, query.query_index].reshape(-1, 2).numpy() * size
+        np.testing.assert_allclose(query.points_xy, expected, rtol=0, atol=1e-4)
+        assert "decoder layer 0" in query.label
+    locations, _ = encoder_hooks.locations_and_weights()
+    expected = locations[0, result.encoder.query_index].reshape(-1, 2).numpy() * size
+    np.testing.assert_allclose(result.encoder.points_xy, expected, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"decoder layer 3 does not exist; accepted: 0\.\.2"):
+        collect_sampling_points(predictor, image, decoder_layer=3)
+
+
 def test_detection_panels_follow_the_predictions(tmp_path):
     predictor = _predictor(tmp_path)
     image = np.random.default_rng(2).integers(0, 256, size=(128, 160, 3), dtype=np.uint8)

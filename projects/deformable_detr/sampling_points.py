@@ -100,6 +100,14 @@ def _query_points(
     )
 
 
+def _layer(module_name: str) -> str:
+    """'transformer.decoder.layers.5.attentions.1' -> 'decoder layer 5'."""
+    parts = module_name.split(".")
+    stack = "decoder" if "decoder" in parts else "encoder"
+    index = parts[parts.index("layers") + 1] if "layers" in parts else "?"
+    return f"{stack} layer {index}"
+
+
 def _last_decoder_class_head(model: nn.Module) -> nn.Module:
     num_layers = model.transformer.decoder.num_layers
     return model.class_embed[num_layers - 1]
@@ -112,13 +120,26 @@ def collect_sampling_points(
     score_threshold: float = 0.0,
     encoder_pixel: tuple[float, float] | None = None,
     encoder_level: int = 0,
+    decoder_layer: int = -1,
+    encoder_layer: int = -1,
 ) -> SamplingPointsResult:
     """Predict on one image (in the predictor's input format) and collect the sampling points
-    of the `top_k` most confident detections (score >= score_threshold) in the last decoder
-    layer and, with `encoder_pixel` = (x, y) in original pixels, of the last encoder layer's
-    query at that pixel on feature level `encoder_level`."""
+    of the `top_k` most confident detections (score >= score_threshold) in decoder layer
+    `decoder_layer` (default the last, as in the paper) and, with `encoder_pixel` = (x, y) in
+    original pixels, of encoder layer `encoder_layer`'s query at that pixel on feature level
+    `encoder_level`. Layers count from 0; negative values count from the end."""
     model = predictor.model
     encoder_names, decoder_names = attention_module_names(model)
+    for what, index, names in (
+        ("decoder", decoder_layer, decoder_names),
+        ("encoder", encoder_layer, encoder_names),
+    ):
+        if not -len(names) <= index < len(names):
+            raise ValueError(
+                f"{what} layer {index} does not exist; accepted: 0..{len(names) - 1} (or "
+                f"-{len(names)}..-1 from the end)"
+            )
+    encoder_name, decoder_name = encoder_names[encoder_layer], decoder_names[decoder_layer]
     height, width = image.shape[:2]
     if encoder_pixel is not None:
         x, y = encoder_pixel
@@ -133,7 +154,7 @@ def collect_sampling_points(
         lambda module, args, output: logits.append(output.detach())
     )
     try:
-        with DeformableAttentionRecorder(model, [encoder_names[-1], decoder_names[-1]]) as rec:
+        with DeformableAttentionRecorder(model, [encoder_name, decoder_name]) as rec:
             instances = predictor(image)["instances"].to("cpu")
     finally:
         handle.remove()
@@ -141,7 +162,7 @@ def collect_sampling_points(
     result = SamplingPointsResult(instances=instances)
     # the detection's query: the one whose last-layer probability for its class is its score
     probabilities = logits[-1][0].sigmoid().double().cpu()  # (Q, num_classes)
-    decoder_call = rec.last(decoder_names[-1])
+    decoder_call = rec.last(decoder_name)
     order = torch.argsort(instances.scores, descending=True).tolist()
     names = list(getattr(predictor.metadata, "thing_classes", None) or [])
     for i in order[:top_k]:
@@ -160,11 +181,11 @@ def collect_sampling_points(
         points.box_xyxy = instances.pred_boxes.tensor[i].double().numpy()
         points.class_id = label
         name = names[label] if label < len(names) else f"class {label}"
-        points.label = f"{name} {score * 100:.0f}% (query {query})"
+        points.label = f"{name} {score * 100:.0f}% (query {query}, {_layer(decoder_name)})"
         result.decoder.append(points)
 
     if encoder_pixel is not None:
-        call = rec.last(encoder_names[-1])
+        call = rec.last(encoder_name)
         shapes = call.spatial_shapes.tolist()
         if not 0 <= encoder_level < len(shapes):
             raise ValueError(
@@ -175,7 +196,7 @@ def collect_sampling_points(
         row = min(int(y / height * level_h), level_h - 1)
         col = min(int(x / width * level_w), level_w - 1)
         points = _query_points(call, start + row * level_w + col, width, height)
-        points.label = f"encoder query at ({x:.0f}, {y:.0f}), level {encoder_level}"
+        points.label = f"{_layer(encoder_name)} query at ({x:.0f}, {y:.0f}), level {encoder_level}"
         result.encoder = points
     return result
 
