@@ -165,7 +165,7 @@ def test_build_inference_model_loads_weights_and_falls_back_to_cpu(setup, monkey
     cfg, checkpoint = setup
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = LazyConfig.apply_overrides(cfg, ["train.device=cuda"])
-    with capture_logs("detrkit.engine.defaults", logging.WARNING) as records:
+    with capture_logs("detrkit.engine.config_checks", logging.WARNING) as records:
         model, device, input_format = build_inference_model(cfg)
     assert device == torch.device("cpu") and input_format == "RGB"
     assert any("CUDA is not available" in r.getMessage() for r in records)
