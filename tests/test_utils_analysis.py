@@ -98,7 +98,9 @@ def test_analyze_model_tasks(tiny_dataset, capsys):
     assert tool.main([*tasks, "-n", "1", "--max-depth", "2", *config, *dataset]) == 0
     out = capsys.readouterr().out
     assert "Total GFlops" in out and "#activations" in out and "backbone.res5" in out
-    assert tool.main(["--tasks", "flop", "--input-shape", "64", "96", *config]) == 0
+    # an override right after --tasks (whose nargs="+" takes it) still counts as one
+    shape = ["--input-shape", "64", "96"]
+    assert tool.main([*config[:2], *shape, "--tasks", "flop", "train.device=cpu"]) == 0
     assert "of mean size 64x96" in capsys.readouterr().out
     code = tool.main(["--tasks", "flop", "-n", "0", *config])
     err = capsys.readouterr().err.strip().splitlines()
@@ -123,3 +125,58 @@ def test_benchmark_tasks(tiny_dataset, capsys):
     assert tool.main([*base, "--task", "train", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--batch-size is for --task eval" in err[0]
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        (
+            "analyze_model.py",
+            [
+                "--config-file",
+                "--tasks",
+                "--num-inputs",
+                "--input-shape",
+                "--max-depth",
+                "--count-elementwise",
+                "KEY=VALUE",
+            ],
+        ),
+        (
+            "benchmark.py",
+            [
+                "--config-file",
+                "--task",
+                "--iters",
+                "--warmup",
+                "--batch-size",
+                "--amp",
+                "KEY=VALUE",
+            ],
+        ),
+    ],
+)
+def test_help_lists_every_flag(script, flags, capsys):
+    tool = load_script(REPO_ROOT / "tools" / script, f"{script[:-3]}_help_under_test")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert [flag for flag in flags if flag not in help_text] == []
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("analyze_model.py", ["--tasks", "flop", "--input-shape", "8", "8"], "H and W >= 32"),
+        ("analyze_model.py", ["--tasks", "flop", "-n", "1", "train.device"], "has no '='"),
+        ("analyze_model.py", ["--tasks", "flops"], "--tasks flops: unknown; accepted: parameter"),
+        ("benchmark.py", ["--task", "eval", "--iters", "0"], "--iters 0 is not positive"),
+        ("benchmark.py", ["--task", "eval", "--warmup", "-1"], "accepted: W >= 0"),
+    ],
+)
+def test_tool_user_errors_are_one_line(script, argv, message, capsys):
+    tool = load_script(REPO_ROOT / "tools" / script, f"{script[:-3]}_errors_under_test")
+    assert tool.main(["--config-file", str(SHAPES_TINY), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -57,9 +57,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks",
         nargs="+",
-        choices=TASKS,
         required=True,
-        help="what to report: parameter (count per module), flop (per module and per operator), "
+        metavar="TASK",
+        help="one or more of: parameter (count per module), flop (per module and per operator), "
         "activation (output elements of convolutions, matrix products and attention), "
         "structure (the module tree)",
     )
@@ -98,6 +98,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    # `--tasks flop train.device=cpu`: the greedy --tasks took the overrides too
+    overrides = [task for task in args.tasks if "=" in task]
+    args.tasks = [task for task in args.tasks if "=" not in task]
+    args.opts = overrides + list(args.opts)
+    unknown = [task for task in args.tasks if task not in TASKS]
+    if unknown or not args.tasks:
+        raise UsageError(
+            f"--tasks {' '.join(unknown) or '(none)'}: unknown; accepted: {' '.join(TASKS)}"
+        )
     if args.num_inputs < 1:
         raise UsageError(f"--num-inputs {args.num_inputs} is not positive; accepted: N >= 1")
     if args.input_shape is not None and min(args.input_shape) < 32:
