@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from detrkit.config import LazyConfig, instantiate
 from detrkit.engine import DefaultPredictor
-from detrkit.layers import MultiScaleDeformableAttention
+from detrkit.layers import MultiScaleDeformableAttention, ms_deform_attn_reference
 from detrkit.layers.deform_attn_recorder import DeformableAttentionRecorder
 from detrkit.utils.visualizer import draw_sampling_points, weight_colors
 from projects.deformable_detr.sampling_points import (
@@ -24,20 +25,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _IndependentHooks:
-    """Inputs of one attention module and the outputs of its two projections."""
+    """Inputs and output of one attention module and the outputs of its two projections."""
 
     def __init__(self, module: MultiScaleDeformableAttention) -> None:
         self.module = module
         self.inputs: dict = {}
-        self.offsets = self.logits = None
+        self.offsets = self.logits = self.output = None
         self.handles = [
             module.register_forward_pre_hook(self._inputs, with_kwargs=True),
+            module.register_forward_hook(self._output),
             module.sampling_offsets.register_forward_hook(self._offsets),
             module.attention_weights.register_forward_hook(self._logits),
         ]
 
     def _inputs(self, module, args, kwargs):
         self.inputs = {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
+
+    def _output(self, module, args, output):
+        self.output = output.detach().clone()
 
     def _offsets(self, module, args, output):
         self.offsets = output.detach().clone()
@@ -65,6 +70,23 @@ class _IndependentHooks:
             centre = reference[:, :, None, :, None, :2]
             locations = centre + offsets / points * reference[:, :, None, :, None, 2:] * 0.5
         return locations, weights.view(n, lq, heads, levels, points)
+
+    def output_from(self, query: int, points_xy: np.ndarray, weights: np.ndarray, size) -> Tensor:
+        """The module's output row of `query` recomputed from drawn points (image pixels) and
+        weights: the operator on the projected values, the output projection, the residual."""
+        m = self.module
+        shape = (1, 1, m.num_heads, m.num_levels, m.num_points)
+        locations = torch.from_numpy(points_xy / size).float().view(*shape, 2)
+        weights = torch.from_numpy(weights).float().view(shape)
+        value = m.value_proj(self.inputs["value"])
+        mask = self.inputs.get("key_padding_mask")
+        if mask is not None:
+            value = value.masked_fill(mask[..., None], 0.0)
+        value = value.view(*value.shape[:2], m.num_heads, -1)
+        shapes = self.inputs["spatial_shapes"]
+        starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        sampled = ms_deform_attn_reference(value, shapes, starts, locations, weights)
+        return self.inputs["query"][0, query] + m.output_proj(sampled)[0, 0]
 
 
 def _predictor(tmp_path, *overrides: str) -> DefaultPredictor:
@@ -103,6 +125,14 @@ def test_drawn_points_are_what_the_operator_received(tmp_path, refine):
         encoder_hooks.remove()
 
     size = np.array([width, height], dtype=np.float64)
+    # fed back through the attention (pure-PyTorch reference operator), the drawn points and
+    # weights give the module's output: they are the ones the operator received
+    for hooks, queries in ((decoder_hooks, result.decoder), (encoder_hooks, [result.encoder])):
+        for query in queries:
+            with torch.no_grad():
+                row = hooks.output_from(query.query_index, query.points_xy, query.weights, size)
+            torch.testing.assert_close(row, hooks.output[0, query.query_index], atol=1e-4, rtol=0)
+
     locations, weights = decoder_hooks.locations_and_weights()
     reference_dim = decoder_hooks.inputs["reference_points"].shape[-1]
     assert reference_dim == (4 if refine else 2)
