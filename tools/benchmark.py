@@ -114,6 +114,13 @@ def _time(step: Callable[[], None], iters: int, warmup: int, device: torch.devic
     return time.perf_counter() - start
 
 
+def _memory(device: torch.device) -> str:
+    """ ", max memory N MB" on CUDA (peak allocated since the start), else ""."""
+    if device.type != "cuda":
+        return ""
+    return f", max memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
+
+
 def _require(cfg, key: str, config_file: str) -> None:
     node = cfg
     for part in key.split("."):
@@ -179,8 +186,8 @@ def benchmark_train(cfg, args: argparse.Namespace) -> str:
     amp = f", amp {args.amp}" if args.amp else ""
     return (
         f"train: {args.iters / seconds:.3f} iterations/s, {seconds / args.iters:.3f} s/iteration "
-        f"(batch {cfg.dataloader.train.get('total_batch_size', '?')}, {device}{amp}, "
-        f"{args.iters} iterations after {args.warmup} warm-up)"
+        f"(batch {cfg.dataloader.train.get('total_batch_size', '?')}, {device}{amp}"
+        f"{_memory(device)}, {args.iters} iterations after {args.warmup} warm-up)"
     )
 
 
@@ -213,7 +220,8 @@ def benchmark_eval(cfg, args: argparse.Namespace) -> str:
     amp = f", amp {args.amp}" if args.amp else ""
     return (
         f"eval: {images / seconds:.2f} images/s, {1000 * seconds / images:.1f} ms/image (batch "
-        f"{batch_size}, {device}{amp}, {args.iters} iterations after {args.warmup} warm-up)"
+        f"{batch_size}, {device}{amp}{_memory(device)}, {args.iters} iterations after "
+        f"{args.warmup} warm-up)"
     )
 
 
