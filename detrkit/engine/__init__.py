@@ -1,5 +1,5 @@
-"""The training engine: command line, process launching, per-process setup, the checks of a
-run's config, the trainer, its hooks and the metric writers."""
+"""The engine: command line, process launching, per-process setup, the checks of a run's
+config, the trainer, its hooks and the metric writers; `DefaultPredictor` for inference."""
 
 from .cli import default_argument_parser, one_line_errors
 from .config_checks import (
@@ -9,6 +9,7 @@ from .config_checks import (
     load_config,
     resolve_device,
 )
+from .defaults import DefaultPredictor, build_inference_model
 from .ema import ModelEMA
 from .events import (
     CommonMetricPrinter,
@@ -34,6 +35,7 @@ from .trainer import Trainer, TrainerBase, create_ddp_model
 
 __all__ = [
     "CommonMetricPrinter",
+    "DefaultPredictor",
     "EMAHook",
     "EvalHook",
     "EventStorage",
@@ -51,6 +53,7 @@ __all__ = [
     "Trainer",
     "TrainerBase",
     "WarmupParamScheduler",
+    "build_inference_model",
     "check_config",
     "check_dataset_classes",
     "create_ddp_model",

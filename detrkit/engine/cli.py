@@ -14,7 +14,14 @@ from typing import NoReturn
 
 from .launch import LaunchError
 
-__all__ = ["default_argument_parser", "default_dist_url", "one_line_errors", "user_errors"]
+__all__ = [
+    "UsageError",
+    "check_overrides",
+    "default_argument_parser",
+    "default_dist_url",
+    "one_line_errors",
+    "user_errors",
+]
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -186,3 +193,16 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
         nargs=argparse.REMAINDER,
     )
     return parser
+
+
+class UsageError(ValueError):
+    """A command-line, config or input mistake the user can fix; the tools report it in one line
+    (exit code 2)."""
+
+
+def check_overrides(items: list[str]) -> list[str]:
+    """Config overrides given as KEY=VALUE; anything else is a UsageError naming it."""
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"config override {item!r} has no '='; accepted: KEY=VALUE")
+    return list(items)

@@ -23,14 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 from iopath.common.file_io import PathManager
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
 from detrkit.data.catalog import DatasetCatalog, MetadataCatalog
 from detrkit.data.coco import convert_to_coco_json, load_coco_api
+from detrkit.data.detection_utils import ImageLoadError, read_image
 from detrkit.structures import BoxMode
 from detrkit.utils.comm import gather, get_world_size, is_main_process, synchronize
+from detrkit.utils.visualizer import draw_predictions_and_ground_truth
 
 from .inference import DatasetEvaluator
 
@@ -256,6 +259,8 @@ class COCOEvaluator(DatasetEvaluator):
         backend: "pycocotools" (default, the reference) or "faster_coco_eval" (the optional
             faster-coco-eval package: the same 12 numbers, several times faster).
         kpt_oks_sigmas: accepted for detectron2 compatibility; keypoints are not supported.
+        visualize_n: write pictures of the first K images (predictions scoring >=
+            `visualize_threshold` beside the ground truth) to `output_dir/visualize/`.
     """
 
     def __init__(
@@ -269,6 +274,8 @@ class COCOEvaluator(DatasetEvaluator):
         allow_cached_coco: bool = True,
         backend: str = "pycocotools",
         kpt_oks_sigmas: Sequence[float] = (),
+        visualize_n: int = 0,
+        visualize_threshold: float = 0.5,
     ) -> None:
         if not isinstance(dataset_name, str) and hasattr(dataset_name, "__len__"):
             # e.g. names=["shapes_val"] interpolated from the test loader's dataset
@@ -301,6 +308,14 @@ class COCOEvaluator(DatasetEvaluator):
             )
         _cocoeval_class(backend)  # an unknown or missing backend fails here, not after inference
         self._backend = backend
+        if isinstance(visualize_n, bool) or not isinstance(visualize_n, int) or visualize_n < 0:
+            raise ValueError(
+                f"COCOEvaluator: visualize_n must be an integer >= 0 (images to draw), got "
+                f"{visualize_n!r}"
+            )
+        self._visualize_n = visualize_n
+        self._visualize_threshold = float(visualize_threshold)
+        self._visualized: list[dict] = []
         self._dataset_name = dataset_name
         self._tasks = tasks
         self._distributed = distributed
@@ -340,6 +355,7 @@ class COCOEvaluator(DatasetEvaluator):
 
     def reset(self) -> None:
         self._predictions = []
+        self._visualized = []
 
     def _contiguous_to_dataset_id(self, coco_gt: COCO) -> dict[int, int]:
         """contiguous class index -> the ground truth's category id."""
@@ -373,6 +389,9 @@ class COCOEvaluator(DatasetEvaluator):
                 # category ids stay contiguous here; evaluate() maps them to the dataset's ids
                 instances = out["instances"].to("cpu")
                 prediction["instances"] = instances_to_coco_json(instances, inp["image_id"])
+                if len(self._visualized) < self._visualize_n and "file_name" in inp:
+                    keep = {"file_name": inp["file_name"], "image_id": inp["image_id"]}
+                    self._visualized.append({**keep, "instances": instances})
             self._predictions.append(prediction)
 
     def evaluate(self, img_ids: Sequence[int] | None = None) -> dict | None:
@@ -408,7 +427,38 @@ class COCOEvaluator(DatasetEvaluator):
                 self._dataset_name,
             )
         results = self._eval_predictions(predictions, img_ids)
+        if self._visualized and self._output_dir:
+            self._write_visualizations()
         return copy.deepcopy(results)
+
+    def _write_visualizations(self) -> None:
+        """Predictions beside the ground truth for the first `visualize_n` images."""
+        coco_gt = self._ground_truth()
+        to_contiguous = {v: k for k, v in self._contiguous_to_dataset_id(coco_gt).items()}
+        folder = os.path.join(self._output_dir, "visualize")
+        _path_manager.mkdirs(folder)
+        for item in self._visualized:
+            annotations = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[item["image_id"]]))
+            boxes = [
+                BoxMode.convert(a["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS) for a in annotations
+            ]
+            classes = [to_contiguous.get(a["category_id"], -1) for a in annotations]
+            try:
+                image = read_image(item["file_name"], "RGB")
+            except ImageLoadError as e:
+                logger.warning("Not drawing image %s: %s", item["image_id"], e)
+                continue
+            picture = draw_predictions_and_ground_truth(
+                image,
+                item["instances"],
+                np.asarray(boxes, dtype=np.float64),
+                classes,
+                self._metadata,
+                self._visualize_threshold,
+            )
+            name = os.path.splitext(os.path.basename(item["file_name"]))[0]
+            Image.fromarray(picture).save(os.path.join(folder, f"{name}.png"))
+        logger.info("Predictions vs ground truth of %d images in %s", len(self._visualized), folder)
 
     def _eval_predictions(self, predictions: list[dict], img_ids: Sequence[int] | None) -> dict:
         coco_gt = self._ground_truth()
