@@ -172,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"serve.py: {e}", file=sys.stderr)
         return 2
-    from detrkit.checkpoint import CheckpointError
-    from detrkit.config import ConfigError
 
     try:
         options = ServerOptions(
@@ -197,9 +195,19 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         return serve(options)
-    except (AuthConfigError, ServeError, SettingsError, ConfigError, CheckpointError) as e:
+    except (AuthConfigError, ServeError, SettingsError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # config and checkpoint errors name the key or file at fault (torch is imported by
+        # then; the checks above run without it, so a refusal to start is quick)
+        from detrkit.checkpoint import CheckpointError
+        from detrkit.config import ConfigError
+
+        if isinstance(e, ConfigError | CheckpointError | FileNotFoundError):
+            print(f"serve.py: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

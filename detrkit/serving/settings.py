@@ -83,7 +83,7 @@ class ServeSettings:
     default_score_threshold: float = 0.5
     default_max_detections: int = 100
     allowed_formats: tuple[str, ...] = field(
-        default=("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+        default=("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes MPO
     )
 
     def __post_init__(self) -> None:
@@ -106,6 +106,15 @@ class ServeSettings:
         if not self.request_timeout > 0:
             raise SettingsError(
                 f"request_timeout={self.request_timeout!r}: expected a number of seconds > 0"
+            )
+        from PIL import Image
+
+        Image.init()
+        unknown = [f for f in self.allowed_formats if f not in Image.OPEN]
+        if unknown or not self.allowed_formats:
+            raise SettingsError(
+                f"allowed_formats: {unknown or '(none)'} are not formats Pillow opens here; "
+                f"accepted: {', '.join(sorted(Image.OPEN))}"
             )
         if not 0.0 <= self.default_score_threshold <= 1.0:
             raise SettingsError(
