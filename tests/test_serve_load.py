@@ -194,3 +194,27 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
         server.kill()
     assert code == 0, server.log()
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+def test_workers_share_the_port_and_metrics(tmp_path):
+    """--workers 2: two processes answer on one port, /metrics adds up both, SIGTERM stops
+    all of them with status 0."""
+    key = secrets.token_urlsafe(16)
+    server = start_server(tmp_path, key, "--workers", "2")
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        data = png_bytes(random_image(np.random.default_rng(), 80, 100))
+        total = 12
+        for _ in range(total):  # a new connection each: the kernel spreads them over workers
+            files = {"image": ("x.png", data, "image/png")}
+            response = httpx.post(
+                f"{server.url}/v1/detections", headers=headers, files=files, timeout=60
+            )
+            assert response.status_code == 200, response.text
+        samples = server.metrics(headers)
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()
+    assert metric(samples, "detrkit_images_total") == total
+    assert server.log().count("warm-up inference done") == 2

@@ -105,8 +105,15 @@ def app_from_environment() -> Any:
 
         # the workers share the machine's cores instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.workers))
-    keys = load_api_keys(options.api_key_file)
-    return _build_app(options, keys)
+    try:
+        keys = load_api_keys(options.api_key_file)
+        return _build_app(options, keys)
+    except Exception as e:
+        from uvicorn.config import STARTUP_FAILURE
+
+        # this exit status makes the supervisor stop instead of restarting the worker forever
+        logger.error("worker %d cannot start: %s", os.getpid(), e)
+        sys.exit(STARTUP_FAILURE)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -187,8 +194,13 @@ def _serve_one(options: ServerOptions, keys: list[str], sock: socket.socket) -> 
 
 
 def _serve_many(options: ServerOptions, sock: socket.socket) -> int:
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
+    from detrkit.config import LazyConfig
+
+    # the overrides are checked here, once; each worker loads the model itself
+    LazyConfig.apply_overrides(LazyConfig.load(options.config_file), options.overrides)
     os.environ[OPTIONS_ENV] = options.to_json()
     metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -203,9 +215,13 @@ def _serve_many(options: ServerOptions, sock: socket.socket) -> int:
     )
     sock.listen(2048)
     _announce(options, sock)
+    supervisor = Multiprocess(config, sockets=[sock])
     try:
-        Multiprocess(config, sockets=[sock]).run()
+        supervisor.run()
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+    failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    if failed:
+        logger.error("a worker process failed to start (see its error above)")
+    return 1 if failed else 0
