@@ -218,3 +218,29 @@ def test_workers_share_the_port_and_metrics(tmp_path):
     assert code == 0, server.log()
     assert metric(samples, "detrkit_images_total") == total
     assert server.log().count("warm-up inference done") == 2
+
+
+@pytest.mark.slow
+def test_slow_upload_is_answered_408_and_its_place_freed(tmp_path):
+    """An upload whose body does not arrive within --request-timeout is answered 408 and
+    gives its queue place back."""
+    key = secrets.token_urlsafe(16)
+    server = start_server(tmp_path, key, "--request-timeout", "2", "--max-queue", "1")
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        with socket.create_connection((HOST, server.port), timeout=60) as sock:
+            sock.sendall(multipart_head(server.port, 10_000, "slow", key))
+            sock.sendall(multipart_prefix("slow"))
+            status, _, body = read_response(sock)  # nothing more is sent
+        assert status == 408, body
+        assert b'"request_timeout"' in body
+        assert metric(server.metrics(headers), "detrkit_queue_depth") == 0
+        data = png_bytes(random_image(np.random.default_rng(), 64, 64))
+        files = {"image": ("x.png", data, "image/png")}
+        response = httpx.post(
+            f"{server.url}/v1/detections", headers=headers, files=files, timeout=60
+        )
+        assert response.status_code == 200, response.text
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()
