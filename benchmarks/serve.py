@@ -68,7 +68,8 @@ class Server:
             "DETRKIT_API_KEYS": self.key,
         }
         command = [sys.executable, str(ROOT / "tools" / "serve.py"), "--config-file", config]
-        command += ["--port", "0", "--max-queue", "256", "--log-level", "warning", *flags]
+        command += ["--port", "0", "--max-queue", "256", "--request-timeout", "3600"]
+        command += ["--log-level", "warning", *flags]
         command += [*overrides, "train.init_checkpoint="]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -207,7 +208,7 @@ def main() -> None:
     parser.add_argument(
         "--r50-requests",
         type=int,
-        default=3,
+        default=2,
         help="measured R-50 requests per level (at least the concurrency)",
     )
     parser.add_argument(
