@@ -437,6 +437,9 @@ def wait_for_depth(server, key: str, depth: int, timeout: float = 30.0) -> None:
 def test_per_key_limit_429_and_full_queue_503(server, keys, predictor):
     image = random_image(np.random.default_rng(), 70, 90)
     data = png_bytes(image)
+    closed_before = metric(
+        server.metrics(auth(keys["env"])), "detrkit_http_requests_total", status="499"
+    )
     with stalled_uploads(server, keys["file"], PER_KEY):
         wait_for_depth(server, keys["env"], PER_KEY)
         response = detect(server, keys["file"], data)
@@ -452,8 +455,16 @@ def test_per_key_limit_429_and_full_queue_503(server, keys, predictor):
                 assert response.status_code == 503, response.text
                 assert response.headers["retry-after"] == "1"
                 assert response.json()["error"]["code"] == "queue_full"
-    # the clients that went away gave their places back
+    # the clients that went away gave their places back, each counted as status 499
     wait_for_depth(server, keys["env"], 0)
+    deadline = time.monotonic() + 30
+    while True:  # each is counted once its handler has returned
+        samples = server.metrics(auth(keys["env"]))
+        closed = metric(samples, "detrkit_http_requests_total", status="499") - closed_before
+        if closed == MAX_QUEUE or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert closed == MAX_QUEUE
     check_answer(detect(server, keys["file"], data, score_threshold=0), predictor, image)
 
 
