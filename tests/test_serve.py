@@ -296,11 +296,12 @@ def _truncated_png() -> bytes:
 
 
 HOSTILE = {
-    "garbage": (lambda: os.urandom(4096), 400, "invalid_image"),
+    "garbage": (lambda: b"not an image" + os.urandom(4096), 400, "invalid_image"),
     "truncated_png": (_truncated_png, 400, "invalid_image"),
     "zero_bytes": (lambda: b"", 400, "invalid_image"),
     "png_claiming_50000x50000": (lambda: png_claiming(50000, 50000), 413, "image_too_large"),
-    "gif_as_png_bytes": (lambda: b"GIF89a" + os.urandom(64), 400, "invalid_image"),
+    # a GIF header (10x10) and nothing valid after it
+    "truncated_gif": (lambda: b"GIF89a\x0a\x00\x0a\x00" + b"\xff" * 8, 400, "invalid_image"),
 }
 
 

@@ -163,7 +163,7 @@ def test_decode_limits_and_bad_files():
     assert _decode(ok).size == (30, 20)
     cases = [
         (b"", 400),
-        (os.urandom(100), 400),
+        (b"not an image" + os.urandom(100), 400),
         (ok[: len(ok) // 2], 400),
         (png_claiming(50000, 50000), 413),
         (png_claiming(1001, 1000), 413),  # one row over max_pixels=10**6

@@ -31,9 +31,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
+from detrkit import __version__
+
 from .auth import ApiKeyChecker
 from .backend import DetectionBackend
-from .batching import BatchingQueue, KeyBusy, QueueFull
+from .batching import Admission, BatchingQueue, KeyBusy, QueueFull
 from .errors import APIError, error_body
 from .limits import LimitedReceive, decode_image, set_pillow_pixel_limit
 from .metrics import MetricsMiddleware, ServeMetrics, endpoint_labeller
@@ -249,8 +251,6 @@ def create_app(
             await queue.stop()
             state["pool"].shutdown(wait=True)
 
-    from detrkit import __version__
-
     app = FastAPI(
         title="detrkit detection server",
         version=__version__,
@@ -448,7 +448,7 @@ def create_app(
         finally:
             admission.release()
 
-    async def _detect(request: Request, media_type: str, limit: int, admission) -> Any:
+    async def _detect(request: Request, media_type: str, limit: int, admission: Admission) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout
         limited = LimitedReceive(
@@ -492,10 +492,9 @@ def create_app(
         finally:
             gone.cancel()
         if result not in done:
-            result.cancel()
+            result.cancel()  # the worker drops (and counts) it unless its batch already runs
             if gone in done:
                 return Response(status_code=499)  # nobody reads it; counted as 499
-            metrics.dropped.inc()
             raise APIError(
                 503,
                 f"the request was not answered within {settings.request_timeout:g} s",
