@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make quickstart   install, generate the shapes dataset, train shapes_tiny.py on the CPU, evaluate
+#   make quickstart   install, generate the shapes dataset, train shapes_tiny.py on the CPU, evaluate,
+#                     then draw the trained model's detections on a few validation images
 #   make test         install, lint, run the whole test suite, build-check the CUDA kernel
 # Both install into ./.venv once; the install is skipped while its inputs are unchanged.
 
@@ -27,8 +28,15 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(EXT_SOURCES)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+QUICKSTART_CONFIG := projects/deformable_detr/configs/shapes_tiny.py
+QUICKSTART_OUTPUT := output/shapes_tiny
+
 quickstart: install
-	$(PY) tools/train_net.py --config-file projects/deformable_detr/configs/shapes_tiny.py
+	$(PY) tools/train_net.py --config-file $(QUICKSTART_CONFIG)
+	$(PY) demo/demo.py --config-file $(QUICKSTART_CONFIG) \
+		--input "$${DETRKIT_DATASETS:-datasets}/shapes/val/val_00000[1-4].jpg" \
+		--output $(QUICKSTART_OUTPUT)/demo --show-sampling-points \
+		train.init_checkpoint=$(QUICKSTART_OUTPUT)/model_final.pth
 
 test: install
 	$(MAKE) lint

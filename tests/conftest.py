@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
-`../shared/` (beside the clone) holds the read-only spec and fixtures; tests that need
-`checkpoint_keys.json` use the `checkpoint_keys` fixture.
+`tests/fixtures/` holds data the tests read: `checkpoint_keys.json` (the key names and shapes of
+official and detrex Deformable-DETR checkpoints, per variant) through the `checkpoint_keys`
+fixture.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +25,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint_keys() -> dict:
-    path = SHARED_DIR / "fixtures" / "checkpoint_keys.json"
-    if not path.is_file():
-        pytest.fail(f"missing {path}: the ../shared folder must sit beside the clone")
-    with open(path) as f:
+    with open(FIXTURES_DIR / "checkpoint_keys.json") as f:
         return json.load(f)
 
 

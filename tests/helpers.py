@@ -28,3 +28,13 @@ def capture_logs(name: str, level: int = logging.DEBUG):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def load_script(path, module_name: str):
+    """A script of tools/ or demo/ as a module, so tests can call its `main(argv)` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

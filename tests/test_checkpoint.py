@@ -204,6 +204,22 @@ def test_checkpoint_with_arbitrary_objects_is_refused_naming_them(tmp_path):
     message = str(info.value)
     assert str(path) in message and "NotAllowed" in message
 
+    # numpy scalars are admitted in a .pth, numpy arrays are not (they belong in a .pkl)
+    path = tmp_path / "array.pth"
+    torch.save({"model": Detector().state_dict(), "mean": np.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=r"array\.pth contains numpy\S*_reconstruct"):
+        DetectionCheckpointer(Detector()).load(str(path))
+
+
+def test_pkl_holding_torch_tensors_is_refused(tmp_path):
+    path = tmp_path / "tensors.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"weight": torch.zeros(2)}}, f)
+    with pytest.raises(
+        CheckpointError, match=r"tensors\.pkl contains a pickled object of type torch"
+    ):
+        DetectionCheckpointer(Detector()).load(str(path))
+
 
 def test_pkl_numpy_weights_matched_by_suffix(tmp_path, caplog):
     source = _randomize(Detector())
@@ -338,6 +354,75 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
     assert "bbox_embed.{bias, weight}" in caplog.text
     assert "1 checkpoint keys are not used by the model" in caplog.text
     assert "extra_head.weight" in caplog.text
+
+
+def test_ddp_prefix_is_stripped(tmp_path, caplog):
+    source = _randomize(Detector())
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "ddp.pth"
+    torch.save({"model": state}, path)
+    target = Detector()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        DetectionCheckpointer(target).load(str(path))
+    _assert_same_weights(source, target)
+    assert "not in the checkpoint" not in caplog.text and "not used" not in caplog.text
+
+
+class SharedHeads(nn.Module):
+    """One head registered under two names, as Deformable DETR shares its class heads."""
+
+    def __init__(self):
+        super().__init__()
+        head = nn.Linear(4, 3)
+        self.class_embed = nn.ModuleList([head, head])
+        self.other = nn.Linear(4, 2)
+
+
+def test_a_shared_tensor_saved_under_one_of_its_names_is_not_missing(tmp_path, caplog):
+    source = _randomize(SharedHeads())
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("class_embed.1.")}
+    del state["other.bias"]
+    path = tmp_path / "one_name.pth"
+    torch.save(state, path)
+    target = SharedHeads()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        DetectionCheckpointer(target).load(str(path))
+    assert torch.equal(target.class_embed[1].weight, source.class_embed[0].weight)
+    assert "1 model parameters or buffers are not in the checkpoint" in caplog.text
+    assert "other.bias" in caplog.text and "class_embed.1" not in caplog.text
+
+
+def test_state_dict_entry_is_the_model(tmp_path):
+    source = _randomize(Detector())
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    target = Detector()
+    extra = DetectionCheckpointer(target).load(str(path))
+    _assert_same_weights(source, target)
+    assert extra == {"epoch": 3}
+
+
+def test_a_registered_layout_renames_a_file_on_load(tmp_path, monkeypatch, caplog):
+    from detrkit.checkpoint.convert import register_layout, registry
+
+    monkeypatch.setattr(registry, "_LAYOUTS", dict(registry._LAYOUTS))  # undone after the test
+
+    def rename(checkpoint, path, model_keys):
+        assert "class_embed.weight" in model_keys
+        old = checkpoint["model"]
+        checkpoint["model"] = {k.replace("cls_head.", "class_embed."): v for k, v in old.items()}
+        return f"{path} is in toy names: renamed cls_head -> class_embed"
+
+    register_layout("toy", lambda keys: "cls_head.weight" in keys, hint="", on_load=rename)
+    source = _randomize(Detector())
+    state = {k.replace("class_embed.", "cls_head."): v for k, v in source.state_dict().items()}
+    path = tmp_path / "toy.pth"
+    torch.save(state, path)
+    target = Detector()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        DetectionCheckpointer(target).load(str(path))
+    _assert_same_weights(source, target)
+    assert f"{path} is in toy names" in caplog.text
 
 
 def test_summarize_keys_shows_a_bare_key_beside_its_dotted_namesakes():

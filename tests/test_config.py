@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import random
 import textwrap
@@ -27,9 +28,9 @@ from detrkit.engine.optimizer import (
     LRMultiplier,
     WarmupParamScheduler,
     backbone_lr_factor,
-    deformable_detr_lr_factor,
     get_default_optimizer_params,
 )
+from projects.deformable_detr.optim import deformable_detr_lr_factor
 
 
 @dataclasses.dataclass
@@ -486,7 +487,8 @@ def test_bundled_train_defaults_match_the_surface_spec():
             assert got == value, key
     assert train.ddp.fp16_compression is False
     assert train.amp.enabled is False and train.amp.dtype in ("float16", "bfloat16")
-    assert train.wandb.enabled is False
+    assert train.gather_metric_period == 1
+    assert "wandb" not in train  # not supported: an override of it is an error, not ignored
 
 
 def test_get_config_unknown_name_lists_available():
@@ -585,14 +587,13 @@ def test_default_optimizer_params_assigns_hyperparameters():
 
 def test_official_recipe_override_of_the_lr_factor_function():
     # the command line in deformable_detr_r50_50ep.py's docstring gives the function by name
-    cfg = LazyConfig.load("projects/deformable_detr/configs/deformable_detr_r50_50ep.py")
-    LazyConfig.apply_overrides(
-        cfg,
-        [
-            "optimizer.lr=2e-4",
-            "optimizer.params.lr_factor_func=detrkit.engine.optimizer.deformable_detr_lr_factor",
-        ],
-    )
+    path = "projects/deformable_detr/configs/deformable_detr_r50_50ep.py"
+    with open(path) as f:
+        docstring = ast.get_docstring(ast.parse(f.read()))
+    documented = [w for w in docstring.split() if w.startswith("optimizer.")]
+    assert any(w.startswith("optimizer.params.lr_factor_func=") for w in documented), docstring
+    cfg = LazyConfig.load(path)
+    LazyConfig.apply_overrides(cfg, documented)
     model = _TinyDetector()
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)

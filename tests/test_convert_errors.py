@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from detrkit.checkpoint.convert import (
-    ConversionError,
+from detrkit.checkpoint.convert import ConversionError
+from projects.deformable_detr.convert import (
     convert_detrex,
     convert_official,
     official_to_detrex_name,
@@ -133,24 +133,47 @@ def test_checkpoint_of_another_model_names_its_first_unknown_keys(
     assert "0.weight, 0.bias" in line
 
 
-def test_official_layout_with_extra_and_missing_keys(checkpoint_keys, tmp_path):
+def _layout_error(state: dict) -> str:
+    with pytest.raises(ConversionError) as info:
+        convert_official({"model": state}, "ckpt.pth")
+    message = str(info.value)
+    assert message.startswith("ckpt.pth does not match the official Deformable-DETR layout")
+    return message
+
+
+def test_official_layout_errors_count_and_name_the_first_offenders(checkpoint_keys):
+    """Unknown keys, missing keys and wrong shapes: each error counts them all and names the
+    first ones (five keys, three shapes)."""
     shapes = checkpoint_keys["variants"]["deformable_detr"]["official"]
-    state = zeros_state(shapes)
-    state["transformer.decoder.layers.0.extra_gate.weight"] = torch.zeros(4)
-    with pytest.raises(ConversionError, match=r"ckpt\.pth .*1 unknown keys, first: "
-                       r"transformer\.decoder\.layers\.0\.extra_gate\.weight"):  # fmt: skip
-        convert_official({"model": state}, "ckpt.pth")
 
     state = zeros_state(shapes)
-    del state["transformer.encoder.layers.3.norm2.bias"]
-    with pytest.raises(ConversionError, match=r"missing, first: transformer\.encoder\.layers\.3"):
-        convert_official({"model": state}, "ckpt.pth")
+    unknown = [f"transformer.decoder.layers.{i}.extra_gate.weight" for i in range(6)]
+    unknown.append("transformer.encoder.layers.0.extra_gate.weight")
+    for key in unknown:
+        state[key] = torch.zeros(4)
+    message = _layout_error(state)
+    assert f"7 unknown keys, first: {', '.join(unknown[:5])} (and 2 more)" in message
 
     state = zeros_state(shapes)
-    state["transformer.encoder.layers.1.linear1.weight"] = torch.zeros(2048, 256)
-    with pytest.raises(ConversionError, match=r"linear1\.weight is \(2048, 256\), expected "
-                       r"\(1024, 256\)"):  # fmt: skip
-        convert_official({"model": state}, "ckpt.pth")
+    missing = [
+        "transformer.encoder.layers.3.norm2.bias",
+        "transformer.encoder.layers.4.linear1.weight",
+        "transformer.decoder.layers.5.norm3.weight",
+    ]
+    for key in missing:
+        del state[key]
+    message = _layout_error(state)
+    assert "3 keys are missing, first: " in message and "more)" not in message
+    assert all(key in message for key in missing)
+
+    state = zeros_state(shapes)
+    wrong = [f"transformer.encoder.layers.{i}.linear1.weight" for i in range(4)]
+    for key in wrong:
+        state[key] = torch.zeros(2048, 256)
+    message = _layout_error(state)
+    assert "4 tensors have other shapes, first: " in message and "(and 1 more)" in message
+    named = [key for key in wrong if f"{key} is (2048, 256), expected (1024, 256)" in message]
+    assert len(named) == 3
 
 
 @pytest.mark.parametrize(

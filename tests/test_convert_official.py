@@ -20,18 +20,18 @@ import pytest
 import torch
 
 from detrkit.checkpoint import DetectionCheckpointer
-from detrkit.checkpoint.convert import (
+from detrkit.config import LazyConfig, instantiate
+from detrkit.data import DatasetCatalog, MetadataCatalog, register_coco_instances
+from detrkit.data.builtin_meta import COCO_THING_CLASSES
+from detrkit.evaluation import COCOEvaluator
+from detrkit.structures import Boxes, Instances
+from projects.deformable_detr.convert import (
     VARIANTS,
     convert_detrex,
     detrex_layout,
     official_layout,
     official_to_detrex_name,
 )
-from detrkit.config import LazyConfig, instantiate
-from detrkit.data import DatasetCatalog, MetadataCatalog, register_coco_instances
-from detrkit.data.catalog import COCO_THING_CLASSES
-from detrkit.evaluation import COCOEvaluator
-from detrkit.structures import Boxes, Instances
 
 CHECKPOINTER_LOGGER = "detrkit.checkpoint.checkpointer"
 ALL_VARIANTS = ["single_scale", "single_scale_dc5", "deformable_detr", "refine", "two_stage"]
@@ -42,7 +42,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build_model(repo_root, variant: str, **overrides) -> torch.nn.Module:
     cfg = LazyConfig.load(str(repo_root / VARIANTS[variant].config))
-    cfg.model.device = "cpu"
     for key, value in overrides.items():
         cfg.model[key] = value
     return instantiate(cfg.model).eval()

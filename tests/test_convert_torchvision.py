@@ -17,7 +17,6 @@ from torch import nn
 
 from detrkit.checkpoint import CheckpointError, DetectionCheckpointer
 from detrkit.checkpoint.convert import (
-    VARIANTS,
     ConversionError,
     convert_torchvision,
     resnet_layout,
@@ -25,6 +24,7 @@ from detrkit.checkpoint.convert import (
 )
 from detrkit.config import LazyConfig, instantiate
 from detrkit.modeling import BasicStem, ResNet
+from projects.deformable_detr.convert import VARIANTS
 
 CHECKPOINTER_LOGGER = "detrkit.checkpoint.checkpointer"
 OFFICIAL_BACKBONE = "backbone.0.body."
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model(repo_root):
     cfg = LazyConfig.load(str(repo_root / VARIANTS["deformable_detr"].config))
-    cfg.model.device = "cpu"
     return instantiate(cfg.model).eval()
 
 

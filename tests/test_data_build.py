@@ -182,3 +182,30 @@ def test_workers_have_distinct_seeds():
 def test_dataset_given_as_a_name_is_a_clear_error():
     with pytest.raises(TypeError, match="get_detection_dataset_dicts"):
         build_detection_test_loader("coco_2017_val", mapper=None)
+
+
+def test_category_id_outside_the_thing_classes_is_named_at_load():
+    from detrkit.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+
+    name = "test_build_bad_category_id"
+    records = [
+        {"file_name": "a.jpg", "image_id": 1, "annotations": [{"category_id": 1}]},
+        {
+            "file_name": "b.jpg",
+            "image_id": 2,
+            "annotations": [{"category_id": 0}, {"category_id": 3}],
+        },
+    ]
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(thing_classes=["x", "y", "z"])
+    try:
+        with pytest.raises(ValueError) as info:
+            get_detection_dataset_dicts(name)
+        message = str(info.value)
+        assert "b.jpg (image_id 2)" in message and "category_id=3" in message
+        assert "accepted: 0..2" in message and "3 thing_classes" in message
+        records[1]["annotations"][1]["category_id"] = 2
+        assert len(get_detection_dataset_dicts(name)) == 2
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -13,7 +13,7 @@ from detrkit.data import (
     register_all_coco,
     register_coco_instances,
 )
-from detrkit.data.catalog import COCO_CATEGORY_IDS, COCO_THING_CLASSES
+from detrkit.data.builtin_meta import COCO_CATEGORY_IDS, COCO_THING_CLASSES
 
 
 @pytest.fixture

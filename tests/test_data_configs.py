@@ -22,6 +22,9 @@ def tiny_shapes(tmp_path):
 
 
 def test_coco_detr_config_matches_the_recipe():
+    """DETR's augmentation recipe, checked in this one place: the config's lists (what training
+    uses) by value, and `transforms.detr_train_augmentation()` / `detr_test_augmentation()`, the
+    same recipe for Python callers, as building identical lists."""
     cfg = get_config("common/data/coco_detr.py")
     train, test = cfg.dataloader.train, cfg.dataloader.test
     assert train.dataset.names == "coco_2017_train" and train.total_batch_size == 16
@@ -29,18 +32,29 @@ def test_coco_detr_config_matches_the_recipe():
     assert cfg.dataloader.evaluator.dataset_name == "coco_2017_val"  # interpolated
     mapper = instantiate(train.mapper)
     assert isinstance(mapper, DetrDatasetMapper)
+    multi_scale = tuple(range(480, 801, 32))  # 480, 512, ..., 800
     plain = mapper.augmentation.augmentations
     assert [type(a) for a in plain] == [T.RandomFlip, T.ResizeShortestEdge]
-    assert plain[1].short_edge_length == tuple(range(480, 801, 32)) and plain[1].max_size == 1333
+    assert (plain[0].prob, plain[0].horizontal, plain[0].vertical) == (0.5, True, False)
+    assert plain[1].short_edge_length == multi_scale and plain[1].max_size == 1333
+    assert plain[1].sample_style == "choice"
     crop = mapper.augmentation_with_crop.augmentations
     assert [type(a) for a in crop] == [
         T.RandomFlip, T.ResizeShortestEdge, T.RandomCrop, T.ResizeShortestEdge,
     ]  # fmt: skip
-    assert crop[1].short_edge_length == (400, 500, 600)
-    assert crop[2].crop_size == (384, 600)
+    assert (crop[0].prob, crop[0].horizontal, crop[0].vertical) == (0.5, True, False)
+    assert crop[1].short_edge_length == (400, 500, 600) and crop[1].sample_style == "choice"
+    assert crop[2].crop_type == "absolute_range" and crop[2].crop_size == (384, 600)
+    assert crop[3].short_edge_length == multi_scale and crop[3].max_size == 1333
+    assert crop[3].sample_style == "choice"
     test_mapper = instantiate(test.mapper)
     (resize,) = test_mapper.augmentation.augmentations
     assert resize.short_edge_length == (800, 800) and resize.max_size == 1333
+
+    built_plain, built_crop = T.detr_train_augmentation()
+    assert repr(built_plain) == repr(list(plain))
+    assert repr(built_crop) == repr(list(crop))
+    assert repr(T.detr_test_augmentation()) == repr([resize])
 
 
 def test_shapes_config_builds_loaders_and_evaluator(tiny_shapes, tmp_path):
@@ -64,8 +78,8 @@ def test_shapes_config_builds_loaders_and_evaluator(tiny_shapes, tmp_path):
 
 
 def test_project_configs_have_exactly_the_documented_top_level_keys():
-    # SURFACE.md: model, dataloader, optimizer, lr_multiplier, train; a loop variable or helper
-    # left at module level would become a stray sixth key of config.yaml
+    # docs/architecture.md: model, dataloader, optimizer, lr_multiplier, train; a loop variable
+    # or helper left at module level would become a stray sixth key of config.yaml
     from pathlib import Path
 
     config_dir = Path(__file__).resolve().parents[1] / "projects" / "deformable_detr" / "configs"

@@ -117,6 +117,28 @@ def test_box_cropped_away_is_removed(png):
     )
 
 
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        (_ann([1, 2, 3, 4], -1), r"annotation 1 has category_id=-1; accepted: an integer >= 0"),
+        (_ann([1, 2, 3, 4], 1.5), r"annotation 1 has category_id=1.5; accepted: an integer"),
+        (_ann([1, 2, 3, 4], "cat"), r"annotation 1 has category_id='cat'"),
+        (_ann([1, 2, float("nan"), 4], 0), r"annotation 1 has bbox=\[1, 2, nan, 4\]; accepted: 4"),
+        (_ann([1, 2, 3], 0), r"annotation 1 has bbox=\[1, 2, 3\]; accepted: 4 finite numbers"),
+    ],
+)
+def test_bad_annotation_names_image_and_value(png, annotation, expected):
+    record = _record(png, 30, 40, image_id=9, annotations=[_ann([1, 2, 3, 4], 0), annotation])
+    with pytest.raises(ValueError, match=expected) as info:
+        DetrDatasetMapper([], is_train=True)(record)
+    assert f"{png} (image_id 9)" in str(info.value)
+    # integral ids of any number type are fine
+    record = _record(
+        png, 30, 40, annotations=[_ann([1, 2, 3, 4], np.int64(2)), _ann([1, 2, 3, 4], 1.0)]
+    )
+    assert DetrDatasetMapper([], is_train=True)(record)["instances"].gt_classes.tolist() == [2, 1]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     stored = _two_colour_image(20, 40)  # stored 40 wide, 20 high
     exif = Image.Exif()

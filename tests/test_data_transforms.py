@@ -138,16 +138,3 @@ def test_random_select_uses_both_branches_and_aug_input_tracks_boxes():
             np.testing.assert_allclose(aug_input.boxes, [[0, 0, 5, 5]])
         np.testing.assert_array_equal(tfm.apply_image(image), aug_input.image)
     assert shapes == {(40, 60, 3), (20, 30, 3)}
-
-
-def test_detr_recipe_lists():
-    plain, with_crop = T.detr_train_augmentation()
-    assert [type(a).__name__ for a in plain] == ["RandomFlip", "ResizeShortestEdge"]
-    assert plain[1].short_edge_length == tuple(range(480, 801, 32)) and plain[1].max_size == 1333
-    assert [type(a).__name__ for a in with_crop] == [
-        "RandomFlip", "ResizeShortestEdge", "RandomCrop", "ResizeShortestEdge",
-    ]  # fmt: skip
-    assert with_crop[1].short_edge_length == (400, 500, 600)
-    assert with_crop[2].crop_type == "absolute_range" and with_crop[2].crop_size == (384, 600)
-    (test,) = T.detr_test_augmentation()
-    assert test.short_edge_length == (800, 800) and test.max_size == 1333

@@ -1,6 +1,6 @@
 """The deformable transformer's geometry against hand-computed values: valid ratios, encoder
 reference points, two-stage proposals and their sine embedding, and the decoder's reference
-refinement (MODEL.md)."""
+refinement (docs/model.md)."""
 
 from __future__ import annotations
 
@@ -108,9 +108,11 @@ def test_proposal_sine_embedding():
 
 
 class ConstantHead(nn.Module):
+    """A box head predicting the same (trainable) delta for every query."""
+
     def __init__(self, delta: torch.Tensor) -> None:
         super().__init__()
-        self.delta = delta
+        self.delta = nn.Parameter(delta.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.delta.expand(*x.shape[:-1], 4)
@@ -124,7 +126,7 @@ def test_decoder_refines_references_from_2d_to_4d():
     delta = torch.tensor([0.3, -0.2, -1.0, 0.5])
     decoder.bbox_embed = nn.ModuleList([ConstantHead(delta), ConstantHead(delta)])
     reference = torch.tensor([[[0.4, 0.7]]])  # (N=1, Q=1, 2)
-    memory = torch.randn(1, 6, 16)
+    memory = torch.randn(1, 6, 16, requires_grad=True)
     states, references = decoder(
         torch.randn(1, 1, 16),
         torch.randn(1, 1, 16),
@@ -145,4 +147,12 @@ def test_decoder_refines_references_from_2d_to_4d():
     torch.testing.assert_close(references[0, 0, 0], first)
     # layer 1: a 4-d reference is refined as a whole, in logit space
     torch.testing.assert_close(references[1, 0, 0], (delta + logit(first)).sigmoid())
-    assert not references.requires_grad  # detached between layers
+
+    # detached between layers: layer 1 samples at the box layer 0's head predicted, but no
+    # gradient of layer 1's output flows back into that head through the reference
+    assert not references.requires_grad
+    # (a random projection: the plain sum of a LayerNorm's output has no gradient at all)
+    (states[1] * torch.randn_like(states[1])).sum().backward()
+    assert memory.grad is not None and memory.grad.abs().sum() > 0  # the graph itself is live
+    first_head = decoder.bbox_embed[0].delta
+    assert first_head.grad is None or torch.count_nonzero(first_head.grad) == 0

@@ -12,7 +12,6 @@ import torch
 from helpers import capture_logs
 
 from detrkit.engine import CommonMetricPrinter, EventStorage, JSONWriter, get_event_storage
-from detrkit.engine.events import EventWriter
 from detrkit.engine.setup import default_writers
 
 
@@ -133,21 +132,46 @@ def test_printer_skips_the_write_after_training():
     assert not [r for r in records if r.name == "detrkit.engine"]
 
 
-def test_default_writers_without_tensorboard(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
+def _hide_tensorboard(monkeypatch):
+    """Make this process look like one without the optional tensorboard package."""
+    import importlib.util
+    import sys
 
-        has_tb = True
-    except ImportError:
-        has_tb = False
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: (
+            None if name.split(".")[0] == "tensorboard" else find_spec(name, *a, **k)
+        ),
+    )
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith("tensorboard.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` fails
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+
+
+def test_default_writers_without_tensorboard(tmp_path, monkeypatch):
+    _hide_tensorboard(monkeypatch)
+    with pytest.raises(ImportError):
+        import tensorboard  # noqa: F401
     with capture_logs("detrkit.engine.setup") as records:
         writers = default_writers(str(tmp_path), max_iter=100)
-    assert all(isinstance(w, EventWriter) for w in writers)
-    assert isinstance(writers[0], CommonMetricPrinter)  # first: it puts eta_seconds
-    assert isinstance(writers[1], JSONWriter)
-    assert len(writers) == (3 if has_tb else 2)
-    if not has_tb:
-        assert any("tensorboard" in r.getMessage() for r in records)
+    assert [type(w) for w in writers] == [
+        CommonMetricPrinter,
+        JSONWriter,
+    ]  # printer first: it puts eta_seconds
+    assert any("tensorboard is not installed" in r.getMessage() for r in records)
+    for w in writers:
+        w.close()
+
+
+def test_default_writers_with_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from detrkit.engine import TensorboardXWriter
+
+    writers = default_writers(str(tmp_path), max_iter=100)
+    assert [type(w) for w in writers] == [CommonMetricPrinter, JSONWriter, TensorboardXWriter]
     for w in writers:
         w.close()
 

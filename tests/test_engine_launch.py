@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,17 +32,27 @@ def test_parser_defaults_and_overrides():
     assert args.num_gpus == 2 and args.num_machines == 1 and args.machine_rank == 0
     assert not args.resume and not args.eval_only
     assert args.opts == ["train.max_iter=7", "optimizer.lr=1e-4"]
-    assert args.dist_url == default_dist_url()
+    # the default rendezvous: a local TCP port
+    host, port = args.dist_url.removeprefix("tcp://").split(":")
+    assert args.dist_url.startswith("tcp://") and host == "127.0.0.1" and 1024 < int(port) < 65536
     assert parser.parse_args([]).opts == []
     assert "--machine-rank 0 --num-machines 2" in parser.epilog
 
 
-def test_default_dist_url_depends_on_the_user():
-    url = default_dist_url()
-    host_port = url.removeprefix("tcp://")
-    host, port = host_port.split(":")
-    assert host == "127.0.0.1"
-    assert 1024 < int(port) < 65536
+def test_default_dist_url_depends_on_the_user(monkeypatch):
+    """Two users of one machine get different ports by default; one user always the same."""
+    ports = {}
+    for uid in range(1000, 1100):
+        monkeypatch.setattr(os, "getuid", lambda uid=uid: uid)
+        url = default_dist_url()
+        host, port = url.removeprefix("tcp://").split(":")
+        assert url.startswith("tcp://") and host == "127.0.0.1"
+        assert 1024 < int(port) < 65536
+        assert default_dist_url() == url  # stable for a user
+        ports[uid] = int(port)
+    assert len(set(ports.values())) == len(ports)  # no two of these users collide
+    # the parser's default is the current user's (uid 1099 here)
+    assert default_argument_parser().parse_args([]).dist_url.endswith(f":{ports[1099]}")
 
 
 @pytest.mark.parametrize(
@@ -201,13 +210,12 @@ def test_spawn_two_gloo_processes(tmp_path):
         assert info["backend"] == "gloo"
         assert info["all_reduce_sum"] == 1.0 + 2.0
         # CPU processes share the cores instead of each taking all of them
-        assert info["num_threads"] == max(1, (os.cpu_count() or 1) // 2)
+        assert info["num_threads"] >= 1 and 2 * info["num_threads"] <= max(2, os.cpu_count())
     assert ranks[0]["pid"] != ranks[1]["pid"]
 
 
 @pytest.mark.slow
 def test_failing_rank_stops_the_job(tmp_path):
-    start = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(PROBE), str(tmp_path), "2", "--fail-rank", "1"],
         env=_clean_env(),
@@ -215,14 +223,12 @@ def test_failing_rank_stops_the_job(tmp_path):
         text=True,
         timeout=180,  # the surviving rank waits in an all-reduce: it must be stopped, not hang
     )
-    elapsed = time.monotonic() - start
     assert result.returncode != 0
     # the parent names the failing rank and its error in one line
     assert "rank 1 failed: ValueError: probe failure requested on rank 1" in result.stderr
     # and the failing process printed its traceback with its rank
     assert "[rank 1]" in result.stderr and "Traceback" in result.stderr
     assert not list(tmp_path.glob("rank*.json"))  # rank 0 never got past the all-reduce
-    assert elapsed < 170
 
 
 def _run_env_job(tmp_path: Path, envs: list[dict[str, str]], extra_args=()) -> dict[int, dict]:

@@ -78,6 +78,46 @@ def test_non_finite_loss_stops_with_the_iteration_and_every_loss():
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+class _BackwardProbe(HookBase):
+    """Records, at `after_backward`, whether gradients exist and whether the weights still are
+    those the step started from."""
+
+    def __init__(self):
+        self.calls = []
+        self._start = None
+
+    def before_step(self):
+        self._start = [p.detach().clone() for p in self.trainer.model.parameters()]
+
+    def after_backward(self):
+        params = list(self.trainer.model.parameters())
+        has_grads = all(p.grad is not None for p in params)
+        unchanged = all(torch.equal(p, s) for p, s in zip(params, self._start))
+        self.calls.append((self.trainer.iter, has_grads, unchanged))
+
+
+def test_after_backward_runs_once_per_step_between_backward_and_update():
+    trainer = make_trainer()
+    probe = _BackwardProbe()
+    trainer.register_hooks([probe])
+    trainer.train(0, 4)
+    assert probe.calls == [(i, True, True) for i in range(4)]
+
+
+def test_gather_metric_period_records_every_nth_step_and_checks_there():
+    trainer = make_trainer(gather_metric_period=3)
+    trainer.train(0, 8)
+    assert [i for _, i in trainer.storage.history("total_loss").values()] == [2, 5]
+    assert [i for _, i in trainer.storage.history("data_time").values()] == [2, 5]
+    # a NaN loss is seen at the next gathered step (its gradients reached the weights)
+    trainer = make_trainer(model_kwargs={"nan_at_iter": 3}, gather_metric_period=3)
+    with pytest.raises(FloatingPointError, match="iteration 5"):
+        trainer.train(0, 10)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"train.gather_metric_period=.*accepted"):
+            make_trainer(gather_metric_period=bad)
+
+
 class _DtypeProbe(ToyModel):
     def forward(self, batch):
         self.seen_dtype = self.net(torch.zeros(1, 8)).dtype

@@ -29,9 +29,9 @@ def registered():
     """Register datasets under unique names and unregister them afterwards."""
     names = []
 
-    def register(json_file, image_root="/nonexistent"):
+    def register(json_file, image_root="/nonexistent", metadata=None):
         name = f"test_eval_{uuid.uuid4().hex[:8]}"
-        register_coco_instances(name, {}, str(json_file), image_root)
+        register_coco_instances(name, metadata or {}, str(json_file), image_root)
         names.append(name)
         return name
 
@@ -41,8 +41,11 @@ def registered():
         MetadataCatalog.remove(name)
 
 
-def _write_gt(path, images, annotations):
-    """images: list of (id, h, w); annotations: list of (image_id, category_id, [x, y, w, h])."""
+def _write_gt(path, images, annotations, categories=None):
+    """images: list of (id, h, w); annotations: list of (image_id, category_id, [x, y, w, h]);
+    categories: the json's list (default: CATEGORY_IDS named CLASS_NAMES)."""
+    if categories is None:
+        categories = [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CLASS_NAMES)]
     data = {
         "images": [
             {"id": i, "file_name": f"{i}.jpg", "height": h, "width": w} for i, h, w in images
@@ -58,7 +61,7 @@ def _write_gt(path, images, annotations):
             }
             for k, (img, cat, box) in enumerate(annotations)
         ],
-        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CLASS_NAMES)],
+        "categories": categories,
     }
     path.write_text(json.dumps(data))
     return path
@@ -158,6 +161,77 @@ def test_wrong_class_gives_zero(tmp_path, registered):
     pred = _prediction(100, 100, [[10.0, 10.0, 60.0, 60.0]], [0.9], [0])  # "ant" instead of "cat"
     result = _evaluate(name, [(1, 100, 100)], [pred])["bbox"]
     assert result["AP"] == 0.0 and result["AP-cat"] == 0.0
+
+
+# category ids listed unsorted and not contiguous: the loader sorts them (3 -> 0, 7 -> 1, 12 -> 2)
+UNSORTED_CATEGORIES = [
+    {"id": 12, "name": "cat"},
+    {"id": 3, "name": "ant"},
+    {"id": 7, "name": "bee"},
+]
+UNSORTED_ANNOTATIONS = [  # (image_id, category_id, XYWH)
+    (1, 12, [10.0, 20.0, 40.0, 30.0]),
+    (1, 3, [60.0, 5.0, 25.0, 50.0]),
+    (2, 7, [15.0, 15.0, 30.0, 30.0]),
+    (2, 12, [50.0, 40.0, 20.0, 45.0]),
+    (3, 3, [5.0, 60.0, 70.0, 20.0]),
+    (3, 7, [40.0, 10.0, 35.0, 35.0]),
+]
+
+
+def _write_unsorted_gt(path):
+    images = [(1, 100, 120), (2, 100, 120), (3, 100, 120)]
+    return _write_gt(path, images, UNSORTED_ANNOTATIONS, UNSORTED_CATEGORIES)
+
+
+def test_labels_learned_from_the_loader_map_back_to_the_files_category_ids(tmp_path, registered):
+    """The loader's contiguous labels go back to the json's ids through the metadata map."""
+    name = registered(_write_unsorted_gt(tmp_path / "gt.json"))
+    records = DatasetCatalog.get(name)  # as training does: fills the metadata
+    metadata = MetadataCatalog.get(name)
+    assert metadata.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 12: 2}
+    assert metadata.thing_classes == ["ant", "bee", "cat"]
+
+    # a perfect model predicts each record's boxes with the contiguous labels it was trained on
+    evaluator = COCOEvaluator(name, output_dir=str(tmp_path / "out"))
+    evaluator.reset()
+    for record in records:
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in record["annotations"])]
+        labels = [a["category_id"] for a in record["annotations"]]
+        pred = _prediction(100, 120, boxes, [0.9] * len(boxes), labels)
+        evaluator.process([{"image_id": record["image_id"]}], [pred])
+    result = evaluator.evaluate()["bbox"]
+    assert result["AP"] == pytest.approx(100.0)
+    for cls in ("ant", "bee", "cat"):
+        assert result[f"AP-{cls}"] == pytest.approx(100.0)
+    written = json.loads((tmp_path / "out" / "coco_instances_results.json").read_text())
+    got = sorted((r["image_id"], r["category_id"], tuple(r["bbox"])) for r in written)
+    assert got == sorted((img, cat, tuple(box)) for img, cat, box in UNSORTED_ANNOTATIONS)
+
+
+def test_a_registered_category_map_in_its_own_order_is_used(tmp_path, registered):
+    """A dataset registered with its own (unsorted) id map: labels follow that map, not the
+    sorted ids, and each per-class AP is named after the class it measures."""
+    label = {12: 0, 3: 1, 7: 2}
+    metadata = {"thing_classes": ["cat", "ant", "bee"], "thing_dataset_id_to_contiguous_id": label}
+    name = registered(_write_unsorted_gt(tmp_path / "gt.json"), metadata=metadata)
+    # ants and bees found, cats predicted with the right label but in the wrong place
+    evaluator = COCOEvaluator(name)
+    evaluator.reset()
+    for image_id in (1, 2, 3):
+        anns = [a for a in UNSORTED_ANNOTATIONS if a[0] == image_id]
+        boxes = []
+        for _, cat, (x, y, w, h) in anns:
+            shift = 200.0 if cat == 12 else 0.0
+            boxes.append([x + shift, y, x + w + shift, y + h])
+        labels = [label[cat] for _, cat, _ in anns]
+        pred = _prediction(100, 120, boxes, [0.9] * len(anns), labels)
+        evaluator.process([{"image_id": image_id}], [pred])
+    result = evaluator.evaluate()["bbox"]
+    assert result["AP-ant"] == pytest.approx(100.0)
+    assert result["AP-bee"] == pytest.approx(100.0)
+    assert result["AP-cat"] == pytest.approx(0.0)
+    assert result["AP"] == pytest.approx(200.0 / 3)
 
 
 def test_shifted_boxes_match_pycocotools(tmp_path, registered):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detrkit.layers import ShapeSpec
-from detrkit.modeling import BasicStem, BottleneckBlock, FrozenBatchNorm2d, ResNet
+from detrkit.modeling import BasicBlock, BasicStem, BottleneckBlock, FrozenBatchNorm2d, ResNet
 
 
 class _Parent(nn.Module):
@@ -192,11 +192,33 @@ def test_unrequested_stages_are_not_built() -> None:
     assert list(model(torch.randn(1, 3, 32, 32))) == ["res3"]
 
 
-def test_basic_block_conv_init_is_kaiming_fan_out() -> None:
-    model = _resnet(50, norm="BN", out_features=["res5"])
-    weight = model.res4[0].conv2.weight  # (256, 256, 3, 3): fan_out = 256 * 9
-    expected_std = (2.0 / (256 * 9)) ** 0.5
-    assert weight.std().item() == pytest.approx(expected_std, rel=0.05)
+def _assert_kaiming_fan_out(conv: nn.Conv2d, fan_out: int) -> None:
+    """He normal init over fan_out (std sqrt(2 / fan_out)), bias 0 where there is one."""
+    weight = conv.weight
+    assert weight.shape[0] * weight[0, 0].numel() == fan_out
+    assert weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.05)
+    assert abs(weight.mean().item()) < 0.05 * (2.0 / fan_out) ** 0.5
+    if conv.bias is not None:
+        assert torch.count_nonzero(conv.bias) == 0
+
+
+@pytest.mark.parametrize("norm", ["BN", ""])
+def test_basic_block_conv_init_is_kaiming_fan_out(norm: str) -> None:
+    # 128 -> 256 channels at stride 2: conv1 and the shortcut have fan_out != fan_in, so a fan_in
+    # init (or PyTorch's default) would give another std; without a norm the convs have a bias
+    block = BasicBlock(128, 256, stride=2, norm=norm)
+    _assert_kaiming_fan_out(block.conv1, 256 * 9)  # (256, 128, 3, 3)
+    _assert_kaiming_fan_out(block.conv2, 256 * 9)  # (256, 256, 3, 3)
+    _assert_kaiming_fan_out(block.shortcut, 256)  # (256, 128, 1, 1)
+    assert (block.conv1.bias is None) == bool(norm)
+
+
+def test_bottleneck_block_conv_init_is_kaiming_fan_out() -> None:
+    block = BottleneckBlock(256, 512, bottleneck_channels=128, stride=2, norm="BN")
+    _assert_kaiming_fan_out(block.conv1, 128)  # (128, 256, 1, 1)
+    _assert_kaiming_fan_out(block.conv2, 128 * 9)  # (128, 128, 3, 3)
+    _assert_kaiming_fan_out(block.conv3, 512)  # (512, 128, 1, 1)
+    _assert_kaiming_fan_out(block.shortcut, 512)  # (512, 256, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

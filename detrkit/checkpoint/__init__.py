@@ -1,21 +1,20 @@
-"""Checkpoints: `DetectionCheckpointer` (fvcore-based; .pth/.pt, .pkl, .safetensors; atomic
-saves) and fvcore's `Checkpointer`/`PeriodicCheckpointer`."""
+"""Checkpoints: `DetectionCheckpointer` (.pth/.pt, .pkl, .safetensors; atomic saves), the file
+readers it uses (`io.py`), and weight conversion (`convert/`).
 
-from fvcore.common.checkpoint import Checkpointer, PeriodicCheckpointer
+`PeriodicCheckpointer` is fvcore's; it drives a `DetectionCheckpointer`.
+"""
 
-from .checkpointer import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    DetectionCheckpointer,
-    align_by_suffix,
-    atomic_write,
-    summarize_keys,
-)
+from fvcore.common.checkpoint import PeriodicCheckpointer
+
+from detrkit.utils.file_io import atomic_write
+
+from .checkpointer import DetectionCheckpointer
+from .io import CheckpointError, CheckpointNotFoundError
+from .keys import align_by_suffix, summarize_keys
 
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
-    "Checkpointer",
     "DetectionCheckpointer",
     "PeriodicCheckpointer",
     "align_by_suffix",

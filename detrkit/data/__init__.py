@@ -19,15 +19,15 @@ from .build import (
     trivial_batch_collator,
     worker_init_reset_seed,
 )
-from .catalog import (
-    DatasetCatalog,
-    Metadata,
-    MetadataCatalog,
-    datasets_root,
-    register_all_coco,
+from .builtin import datasets_root, register_all_coco
+from .catalog import DatasetCatalog, Metadata, MetadataCatalog
+from .coco import (
+    convert_to_coco_dict,
+    convert_to_coco_json,
+    load_coco_api,
+    load_coco_json,
     register_coco_instances,
 )
-from .coco import convert_to_coco_dict, convert_to_coco_json, load_coco_api, load_coco_json
 from .detection_utils import ImageLoadError, ImageNotFoundError, read_image
 from .mapper import DetrDatasetMapper
 from .synthetic import (

@@ -25,7 +25,7 @@ import torch.utils.data as torchdata
 from detrkit.utils.comm import get_rank, get_world_size, shared_random_seed
 
 from .catalog import DatasetCatalog, MetadataCatalog
-from .detection_utils import ImageLoadError, read_image_bytes
+from .detection_utils import ImageLoadError, is_class_index, read_image_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ def get_detection_dataset_dicts(
             "trained or evaluated together"
         )
 
+    if known:
+        _check_category_ids(records, len(known[0]), names)
+
     if filter_empty:
         before = len(records)
         records = [
@@ -98,6 +101,21 @@ def get_detection_dataset_dicts(
                 "(filter_empty=True drops images without annotations)"
             )
     return records
+
+
+def _check_category_ids(records: list[dict], num_classes: int, names: Sequence[str]) -> None:
+    """Every annotation's category_id is a class index of the datasets' thing_classes: checked
+    once, when the records are loaded, so that no step of training has to."""
+    for record in records:
+        for annotation in record.get("annotations", []):
+            category_id = annotation.get("category_id")
+            if not is_class_index(category_id) or category_id >= num_classes:
+                raise ValueError(
+                    f"dataset {'+'.join(names)}: {record.get('file_name')} (image_id "
+                    f"{record.get('image_id')!r}) has an annotation with category_id="
+                    f"{category_id!r}; accepted: 0..{num_classes - 1} (an index into the "
+                    f"dataset's {num_classes} thing_classes)"
+                )
 
 
 class DatasetFromList(torchdata.Dataset):

@@ -11,23 +11,10 @@ needs to know about the dataset: `thing_classes` (the class names, index = conti
 from __future__ import annotations
 
 import difflib
-import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "COCO_CATEGORY_IDS",
-    "COCO_THING_CLASSES",
-    "DatasetCatalog",
-    "Metadata",
-    "MetadataCatalog",
-    "datasets_root",
-    "register_all_coco",
-    "register_coco_instances",
-]
+__all__ = ["DatasetCatalog", "Metadata", "MetadataCatalog"]
 
 
 def _unknown_name_message(kind: str, name: str, known: list[str]) -> str:
@@ -156,95 +143,3 @@ class _MetadataCatalog(dict):
 
 
 MetadataCatalog = _MetadataCatalog()
-
-
-def register_coco_instances(
-    name: str, metadata: dict[str, Any] | None, json_file: str, image_root: str
-) -> None:
-    """Register a dataset in COCO's json format (detection boxes only).
-
-    `metadata` may preset e.g. `thing_classes`; the rest (`thing_dataset_id_to_contiguous_id`,
-    class names) is filled in from the json when the dataset is first loaded. Registering the
-    same name again with the same files does nothing, so a config file that registers its
-    datasets can be loaded more than once in a process (tools/train_net.py does).
-    """
-    from .coco import load_coco_json  # imported here: coco.py itself imports this module
-
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_coco_instances: name must be a non-empty str, got {name!r}")
-    json_file, image_root = os.fspath(json_file), os.fspath(image_root)
-    if name in DatasetCatalog:
-        known = MetadataCatalog.get(name)
-        if (known.get("json_file", None), known.get("image_root", None)) == (json_file, image_root):
-            return
-    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
-    MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# builtin datasets
-
-COCO_THING_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-]  # fmt: skip
-# COCO's 80 detection categories use ids 1..90 with gaps
-COCO_CATEGORY_IDS = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
-    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
-    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
-    85, 86, 87, 88, 89, 90,
-]  # fmt: skip
-
-_COCO_SPLITS = {
-    "coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
-    "coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
-}
-
-
-def datasets_root() -> str:
-    """Where builtin datasets live: `$DETRKIT_DATASETS`, default `./datasets`."""
-    return os.path.expanduser(os.environ.get("DETRKIT_DATASETS", "datasets"))
-
-
-def _load_builtin_coco(name: str, json_file: str, image_root: str) -> list[dict]:
-    from .coco import load_coco_json
-
-    for path, what in ((json_file, "annotation file"), (image_root, "image folder")):
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"Builtin dataset {name!r}: {what} {path} does not exist. Builtin datasets are "
-                f"looked up under $DETRKIT_DATASETS (now {datasets_root()!r}; default "
-                "'./datasets'), as coco/{train2017,val2017} and "
-                "coco/annotations/instances_{train,val}2017.json."
-            )
-    return load_coco_json(json_file, image_root, name)
-
-
-def register_all_coco(root: str | None = None) -> None:
-    """Register `coco_2017_train` and `coco_2017_val` under `root` (default `datasets_root()`)."""
-    root = datasets_root() if root is None else os.fspath(root)
-    for name, (image_dir, json_rel) in _COCO_SPLITS.items():
-        json_file, image_root = os.path.join(root, json_rel), os.path.join(root, image_dir)
-        DatasetCatalog.pop(name, None)
-        MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name, lambda n=name, j=json_file, i=image_root: _load_builtin_coco(n, j, i)
-        )
-        MetadataCatalog.get(name).set(
-            thing_classes=list(COCO_THING_CLASSES),
-            thing_dataset_id_to_contiguous_id={cid: i for i, cid in enumerate(COCO_CATEGORY_IDS)},
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-        )

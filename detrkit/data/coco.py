@@ -6,6 +6,7 @@ a json that does not parse or an annotation whose category is unknown is an erro
 (and the annotation); boxes that cannot be a box (zero/negative size, NaN, inf, not 4 numbers) are
 dropped with one summarised warning. Images without annotations are kept (they are valid
 negatives at evaluation time; training drops them in `get_detection_dataset_dicts`).
+`register_coco_instances` registers such a json under a dataset name.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iopath.common.file_io import PathManager
-from pycocotools.coco import COCO
 
 from detrkit.structures import BoxMode
 
 from .catalog import DatasetCatalog, MetadataCatalog
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
 _path_manager = PathManager()
@@ -36,6 +39,7 @@ __all__ = [
     "load_coco_api",
     "load_coco_json",
     "read_json",
+    "register_coco_instances",
 ]
 
 # how many offending annotations a warning quotes before summarising the rest as a count
@@ -94,6 +98,10 @@ def _check_coco_layout(dataset: Any, json_file: str) -> None:
 
 def _coco_from_dict(dataset: dict) -> COCO:
     """A pycocotools COCO object over an in-memory dict (without its console chatter)."""
+    # imported on use, so that `import detrkit.data` (which weight conversion does, for the
+    # COCO category ids of builtin_meta) does not load pycocotools
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -267,6 +275,29 @@ def load_coco_json(
         json_file,
     )
     return records
+
+
+def register_coco_instances(
+    name: str, metadata: dict[str, Any] | None, json_file: str, image_root: str
+) -> None:
+    """Register a dataset in COCO's json format (detection boxes only).
+
+    `metadata` may preset e.g. `thing_classes`; the rest (`thing_dataset_id_to_contiguous_id`,
+    class names) is filled in from the json when the dataset is first loaded. Registering the
+    same name again with the same files does nothing, so a config file that registers its
+    datasets can be loaded more than once in a process (tools/train_net.py does).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_coco_instances: name must be a non-empty str, got {name!r}")
+    json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    if name in DatasetCatalog:
+        known = MetadataCatalog.get(name)
+        if (known.get("json_file", None), known.get("image_root", None)) == (json_file, image_root):
+            return
+    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
+    )
 
 
 def convert_to_coco_dict(dataset_name: str) -> dict:

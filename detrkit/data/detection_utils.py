@@ -170,6 +170,13 @@ def transform_instance_annotations(
     return annotation
 
 
+def is_class_index(value: Any) -> bool:
+    """An integer >= 0 (also a numpy integer or an integral float), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return value >= 0 and int(value) == value
+
+
 def annotations_to_instances(annotations: list[dict], image_size: tuple[int, int]) -> Instances:
     """Annotations (boxes in XYXY_ABS after transforms) -> Instances(gt_boxes, gt_classes)."""
     boxes = [

@@ -27,7 +27,37 @@ from .transforms import AugInput, Augmentation, AugmentationList, apply_transfor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetrDatasetMapper"]
+__all__ = ["DetrDatasetMapper", "check_annotations"]
+
+
+def check_annotations(annotations: Sequence[dict], record: dict) -> None:
+    """Raise ValueError, naming the image and the annotation, on a category id that is not an
+    integer >= 0 or a bbox that is not 4 finite numbers.
+
+    Training data is checked here, where it enters, so that the model's forward need not check
+    it on the device (a host sync per step on a GPU). That ids are below the class count is
+    checked when a dataset is loaded (`get_detection_dataset_dicts`, against its thing_classes)
+    and at start-up (thing_classes against `model.num_classes`).
+    """
+    for index, annotation in enumerate(annotations):
+        where = (
+            f"{record.get('file_name')} (image_id {record.get('image_id')!r}): annotation {index}"
+        )
+        category_id = annotation.get("category_id")
+        if not utils.is_class_index(category_id):
+            raise ValueError(
+                f"{where} has category_id={category_id!r}; accepted: an integer >= 0 (the "
+                "contiguous class index register_coco_instances maps category ids to)"
+            )
+        bbox = annotation.get("bbox")
+        try:
+            numbers = np.asarray(bbox, dtype=np.float64)
+        except (TypeError, ValueError):
+            numbers = None
+        if numbers is None or numbers.shape != (4,) or not np.isfinite(numbers).all():
+            raise ValueError(
+                f"{where} has bbox={bbox!r}; accepted: 4 finite numbers (in its bbox_mode)"
+            )
 
 
 class DetrDatasetMapper:
@@ -125,6 +155,7 @@ class DetrDatasetMapper:
         annotations = [
             a for a in dataset_dict.pop("annotations", []) if int(a.get("iscrowd", 0)) == 0
         ]
+        check_annotations(annotations, dataset_dict)
         boxes = np.asarray(
             [
                 BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .catalog import DatasetCatalog, MetadataCatalog, datasets_root
+from .builtin import datasets_root
+from .catalog import DatasetCatalog, MetadataCatalog
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,14 @@
-"""The training engine: command line, process launching, per-process setup, the trainer, its
-hooks and the metric writers; `DefaultPredictor` for inference on single images."""
+"""The engine: command line, process launching, per-process setup, the checks of a run's
+config, the trainer, its hooks and the metric writers; `DefaultPredictor` for inference."""
 
-from .cli import default_argument_parser
+from .cli import default_argument_parser, one_line_errors
+from .config_checks import (
+    check_config,
+    check_dataset_classes,
+    launch_backend,
+    load_config,
+    resolve_device,
+)
 from .defaults import DefaultPredictor, build_inference_model
 from .ema import ModelEMA
 from .events import (
@@ -47,6 +54,8 @@ __all__ = [
     "TrainerBase",
     "WarmupParamScheduler",
     "build_inference_model",
+    "check_config",
+    "check_dataset_classes",
     "create_ddp_model",
     "default_argument_parser",
     "default_setup",
@@ -54,4 +63,8 @@ __all__ = [
     "get_default_optimizer_params",
     "get_event_storage",
     "launch",
+    "launch_backend",
+    "load_config",
+    "one_line_errors",
+    "resolve_device",
 ]

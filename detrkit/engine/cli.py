@@ -1,13 +1,74 @@
 """The command line shared by the tools: `--config-file`, `--resume`, `--eval-only`, process
-counts, `--dist-url` and trailing `key=value` config overrides."""
+counts, `--dist-url` and trailing `key=value` config overrides; errors a user can fix reported as
+one line (`one_line_errors`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import traceback
+from collections.abc import Iterator
+from typing import NoReturn
 
-__all__ = ["default_argument_parser", "default_dist_url"]
+from .launch import LaunchError
+
+__all__ = [
+    "UsageError",
+    "check_overrides",
+    "default_argument_parser",
+    "default_dist_url",
+    "one_line_errors",
+    "user_errors",
+]
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors whose message names the config key, file, checkpoint or image at fault."""
+    # imported here: `import detrkit.engine` (which every config file does) stays light
+    from detrkit.checkpoint import CheckpointError
+    from detrkit.config import ConfigError
+    from detrkit.data.detection_utils import ImageLoadError
+
+    return (ConfigError, CheckpointError, ImageLoadError, FileNotFoundError)
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
+
+
+def exit_with_error(message: str, code: int) -> NoReturn:
+    """`prog: error: message` on stderr (argparse's form), then exit with `code`."""
+    print(f"{_prog()}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_errors(output_dir: str | None = None) -> Iterator[None]:
+    """Report an error the user can fix as one line on stderr, and exit.
+
+    Without `output_dir` (checking the command line and the config, before any process
+    starts): a ValueError (ConfigError is one) exits with code 2, as argparse does. With it
+    (the run): a `LaunchError` (its message names the failed rank and its error) or one of
+    `user_errors()` exits with code 1; the traceback of the latter goes to OUTPUT_DIR/log.txt.
+    """
+    known = user_errors()
+    try:
+        yield
+    except LaunchError as e:
+        if output_dir is None:
+            raise
+        exit_with_error(str(e), code=1)
+    except (*known, ValueError) as e:
+        if output_dir is None:
+            exit_with_error(str(e), code=2)
+        if not isinstance(e, known):
+            raise
+        log_file = os.path.join(output_dir, "log.txt")
+        with open(log_file, "a") as f:
+            traceback.print_exc(file=f)
+        exit_with_error(f"{e} (traceback in {log_file})", code=1)
 
 
 def default_dist_url() -> str:
@@ -86,7 +147,7 @@ class _Parser(argparse.ArgumentParser):
 
 def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
     """The parser of `tools/train_net.py` (and the other tools that train or evaluate)."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
+    prog = _prog()
     parser = _Parser(
         epilog=epilog if epilog is not None else _epilog(prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,3 +193,16 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
         nargs=argparse.REMAINDER,
     )
     return parser
+
+
+class UsageError(ValueError):
+    """A command-line, config or input mistake the user can fix; the tools report it in one line
+    (exit code 2)."""
+
+
+def check_overrides(items: list[str]) -> list[str]:
+    """Config overrides given as KEY=VALUE; anything else is a UsageError naming it."""
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"config override {item!r} has no '='; accepted: KEY=VALUE")
+    return list(items)

@@ -23,42 +23,32 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from detrkit.checkpoint import DetectionCheckpointer
 from detrkit.config import ConfigError, instantiate
-from detrkit.data import Metadata, MetadataCatalog
-from detrkit.data.transforms import AugInput, AugmentationList
+
+from .config_checks import _dataset_names, resolve_device
+
+if TYPE_CHECKING:
+    from detrkit.data import Metadata
+
+# detrkit.checkpoint and detrkit.data are imported where they are used, so that
+# `import detrkit.engine` (which every config file does) stays light
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DefaultPredictor",
     "build_inference_model",
-    "inference_device",
+    "build_model",
     "inference_metadata",
-    "test_dataset_names",
 ]
-
-
-def inference_device(requested: str | None) -> torch.device:
-    """`requested` ("cuda", "cuda:1", "cpu"; None means "cuda"), or the CPU with a warning
-    when CUDA is not available."""
-    device = str(requested or "cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("train.device=%s but CUDA is not available: using the CPU", device)
-        device = "cpu"
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(
-            f"train.device={device!r} is not a device; accepted: 'cpu', 'cuda' or 'cuda:N'"
-        ) from None
 
 
 def _config_node(cfg: Any, dotted: str) -> Any:
@@ -74,15 +64,21 @@ def _config_node(cfg: Any, dotted: str) -> Any:
     return node
 
 
-def test_dataset_names(cfg: Any) -> list[str]:
-    """The dataset names of `dataloader.test` when it reads them from the catalog, else []."""
-    try:
-        names = cfg.dataloader.test.dataset.names
-    except (AttributeError, KeyError, TypeError):
-        return []
-    if names is None:
-        return []
-    return [names] if isinstance(names, str) else [str(n) for n in names]
+def _classes_from_json(metadata: Metadata) -> Metadata:
+    """A registered COCO-json dataset that was not loaded yet has no class names in its
+    metadata: read them from its json's categories (contiguous ids follow the sorted ids, as
+    when the dataset is loaded)."""
+    from detrkit.data import Metadata
+    from detrkit.data.coco import read_json
+
+    json_file = metadata.get("json_file")
+    if metadata.get("thing_classes") or not json_file or not os.path.isfile(json_file):
+        return metadata
+    categories = sorted(read_json(json_file).get("categories", []), key=lambda c: c["id"])
+    fields = {k: v for k, v in metadata.as_dict().items() if k != "name"}
+    fields["thing_classes"] = [c["name"] for c in categories]
+    fields["thing_dataset_id_to_contiguous_id"] = {c["id"]: i for i, c in enumerate(categories)}
+    return Metadata(name=metadata.name, **fields)
 
 
 def inference_metadata(cfg: Any, checkpoint_data: Mapping[str, Any] | None = None) -> Metadata:
@@ -90,45 +86,66 @@ def inference_metadata(cfg: Any, checkpoint_data: Mapping[str, Any] | None = Non
 
     A checkpoint that carries its own `metadata` (a dict with `thing_classes`) wins, since it
     describes the classes the weights were trained on; otherwise the first test dataset's
-    `MetadataCatalog` entry; otherwise an empty Metadata (callers then print class indices).
+    `MetadataCatalog` entry (class names read from its json if it was not loaded yet);
+    otherwise an empty Metadata (callers then print class indices).
     """
+    from detrkit.data import Metadata, MetadataCatalog
+
     stored = (checkpoint_data or {}).get("metadata")
     if isinstance(stored, Mapping) and stored.get("thing_classes"):
         return Metadata(name="checkpoint", **dict(stored))
-    names = test_dataset_names(cfg)
+    names = _dataset_names(cfg, "test")
     if names:
-        return MetadataCatalog.get(names[0])
+        return _classes_from_json(MetadataCatalog.get(names[0]))
     return Metadata(name="")
+
+
+def build_model(
+    cfg: Any, *, load: bool | None = True
+) -> tuple[nn.Module, torch.device, dict[str, Any]]:
+    """`cfg.model` on `cfg.train.device` (the CPU, with a warning, when CUDA is missing; the
+    config is left as written). Weights: `load=True`
+    loads `cfg.train.init_checkpoint` (an empty value keeps the initialization, with a
+    warning); `load=None` loads it only when that file exists (tools whose numbers do not
+    depend on the weights); `load=False` never. Returns (model, device, the checkpoint's other
+    data such as `iteration` or `metadata`)."""
+    from detrkit.checkpoint import DetectionCheckpointer
+
+    _config_node(cfg, "model")
+    train = _config_node(cfg, "train")
+    device = resolve_device(cfg)
+    model = instantiate(cfg.model)
+    model.to(device)
+    checkpoint = str(train.get("init_checkpoint", "") or "")
+    extra: dict[str, Any] = {}
+    if load is None:
+        load = bool(checkpoint) and os.path.isfile(checkpoint)
+        if not load:
+            logger.info("Using the initial weights (train.init_checkpoint is not a file)")
+    if load:
+        if not checkpoint:
+            logger.warning(
+                "train.init_checkpoint is empty: predicting with the initial (untrained) weights; "
+                "pass train.init_checkpoint=/path/to/model.pth"
+            )
+        extra = dict(DetectionCheckpointer(model).load(checkpoint) or {})
+    return model, device, extra
 
 
 def _load_inference_model(cfg: Any) -> tuple[nn.Module, torch.device, str, dict[str, Any]]:
     """Model in eval mode on its device, the input format, and the checkpoint's other data."""
-    _config_node(cfg, "model")
-    train = _config_node(cfg, "train")
     mapper = _config_node(cfg, "dataloader.test.mapper")
-    device = inference_device(train.get("device", "cuda"))
-    # config values interpolated from train.device (model.device) follow the fallback
-    cfg.train.device = str(device)
-
-    model = instantiate(cfg.model)
-    model.to(device)
+    model, device, extra = build_model(cfg, load=True)
     model.eval()
-    checkpoint = str(train.get("init_checkpoint", "") or "")
-    if not checkpoint:
-        logger.warning(
-            "train.init_checkpoint is empty: predicting with the initial (untrained) weights; "
-            "pass train.init_checkpoint=/path/to/model.pth"
-        )
-    extra = DetectionCheckpointer(model).load(checkpoint)
     input_format = str(mapper.get("img_format", "RGB") if hasattr(mapper, "get") else "RGB")
-    return model, device, input_format, dict(extra or {})
+    return model, device, input_format, extra
 
 
 def build_inference_model(cfg: Any) -> tuple[nn.Module, torch.device, str]:
     """Build `cfg.model`, load `cfg.train.init_checkpoint`, move it to `cfg.train.device` (CPU
     when CUDA is missing) in eval mode. Returns (model, device, input_format), where
     input_format is the test mapper's `img_format` ("RGB" or "BGR"), the channel order of the
-    images the model takes. `cfg.train.device` is updated to the device actually used."""
+    images the model takes."""
     model, device, input_format, _ = _load_inference_model(cfg)
     return model, device, input_format
 
@@ -146,6 +163,8 @@ class DefaultPredictor:
     """
 
     def __init__(self, cfg: Any) -> None:
+        from detrkit.data.transforms import AugmentationList
+
         self.cfg = copy.deepcopy(cfg)
         self.model, self.device, self.input_format, extra = _load_inference_model(self.cfg)
         self.metadata = inference_metadata(self.cfg, extra)
@@ -183,6 +202,8 @@ class DefaultPredictor:
     def preprocess(self, image: np.ndarray) -> dict[str, Any]:
         """One HxWx3 uint8 image -> the model's input dict: the test-time resized CHW tensor and
         the original `height`/`width` (so the model returns boxes in the original pixels)."""
+        from detrkit.data.transforms import AugInput
+
         image = self._check_image(image)
         height, width = image.shape[:2]
         aug_input = AugInput(image)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from detrkit.config import ConfigError
+
 __all__ = ["ModelEMA", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.999, device: str = "") -> None:
         if not 0.0 <= float(decay) < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.model_ema.decay={decay} is not valid; accepted: 0 <= decay < 1"
             )
         self.model = unwrap_model(model)

@@ -1,5 +1,9 @@
 """Hooks run by the trainer around each iteration.
 
+A hook overrides any of `before_train`, `before_step`, `after_backward` (between the backward
+pass and the optimizer step), `after_step`, `after_train` (`HookBase`, in `trainer.py`); hooks
+run in the order registered. This is the one place that order is written down.
+
 `tools/train_net.py` registers, in this order (the order matters: a hook's `after_step` sees what
 the earlier ones recorded)::
 
@@ -25,6 +29,7 @@ import torch
 from fvcore.common.checkpoint import PeriodicCheckpointer as _FvcorePeriodicCheckpointer
 from fvcore.common.param_scheduler import ParamScheduler
 
+from detrkit.config import ConfigError
 from detrkit.utils import comm
 
 from .ema import ModelEMA
@@ -182,9 +187,9 @@ class PeriodicCheckpointer(HookBase):
         max_iter: int | None = None,
     ) -> None:
         if int(period) <= 0:
-            raise ValueError(f"train.checkpointer.period={period} is not valid; accepted: >= 1")
+            raise ConfigError(f"train.checkpointer.period={period} is not valid; accepted: >= 1")
         if max_to_keep is not None and int(max_to_keep) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.checkpointer.max_to_keep={max_to_keep} is not valid; accepted: >= 1"
             )
         self.checkpointer = checkpointer
@@ -304,7 +309,7 @@ class PeriodicWriter(HookBase):
             if not isinstance(w, EventWriter):
                 raise TypeError(f"PeriodicWriter: {w!r} is not an EventWriter")
         if int(period) <= 0:
-            raise ValueError(f"train.log_period={period} is not valid; accepted: >= 1")
+            raise ConfigError(f"train.log_period={period} is not valid; accepted: >= 1")
         self._writers = list(writers)
         self._period = int(period)
 

@@ -3,8 +3,8 @@
 - `get_default_optimizer_params`: one hyper-parameter set per parameter (norm layers, biases,
   embeddings, per-name lr factors, per-name overrides), then grouped so that parameters sharing
   the same hyper-parameters share one optimizer group.
-- Named lr-factor functions (`backbone_lr_factor`, `deformable_detr_lr_factor`, `LRFactorByName`)
-  so configs never need a lambda and still save to YAML.
+- Named lr-factor functions (`backbone_lr_factor`, `LRFactorByName`; a project adds its own, e.g.
+  `projects.deformable_detr.optim`) so configs never need a lambda and still save to YAML.
 - `WarmupParamScheduler`: warmup over the first fraction of training, then any fvcore
   `ParamScheduler`. `LRMultiplier`: a torch LR scheduler that multiplies each group's initial lr
   by such a schedule evaluated at `iteration / max_iter`.
@@ -25,14 +25,13 @@ from fvcore.common.param_scheduler import (
 )
 from torch import nn
 
-from detrkit.config.lazy import locate
+from detrkit.config.lazy import ConfigError, locate
 
 __all__ = [
     "LRFactorByName",
     "LRMultiplier",
     "WarmupParamScheduler",
     "backbone_lr_factor",
-    "deformable_detr_lr_factor",
     "get_default_optimizer_params",
     "lr_factor_by_keys",
     "reduce_param_groups",
@@ -68,16 +67,6 @@ def backbone_lr_factor(
 ) -> float:
     """0.1x lr for backbone parameters (detrex's recipe). Put it in a config by name:
     `optimizer.params.lr_factor_func = backbone_lr_factor`."""
-    return lr_factor_by_keys(name, keys, factor)
-
-
-def deformable_detr_lr_factor(
-    name: str,
-    factor: float = 0.1,
-    keys: Sequence[str] = ("backbone", "sampling_offsets", "reference_points"),
-) -> float:
-    """The official Deformable DETR recipe: 0.1x lr for the backbone and for the linear layers
-    that predict sampling offsets and reference points."""
     return lr_factor_by_keys(name, keys, factor)
 
 
@@ -161,14 +150,14 @@ def get_default_optimizer_params(
         raise ValueError("get_default_optimizer_params: lr_factor_func needs base_lr to be set")
     if isinstance(lr_factor_func, str):
         # a command-line override gives the function by name
-        # (optimizer.params.lr_factor_func=detrkit.engine.optimizer.deformable_detr_lr_factor)
+        # (optimizer.params.lr_factor_func=package.module.function)
         name = lr_factor_func
         try:
             lr_factor_func = locate(name)
         except ImportError as e:
-            raise ValueError(f"optimizer.params.lr_factor_func={name!r}: {e}") from None
+            raise ConfigError(f"optimizer.params.lr_factor_func={name!r}: {e}") from None
     if lr_factor_func is not None and not callable(lr_factor_func):
-        raise ValueError(
+        raise ConfigError(
             f"optimizer.params.lr_factor_func must be a function name -> lr factor (or its "
             f"dotted import path); got {lr_factor_func!r}"
         )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from iopath.common.file_io import PathManager
+from omegaconf import DictConfig, OmegaConf
 from tabulate import tabulate
 
 from detrkit.utils import comm
@@ -87,22 +88,7 @@ def seed_all_rng(seed: int | None = None) -> int:
     return seed
 
 
-def _cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, TypeError, AttributeError):
-            try:
-                node = getattr(node, part)
-            except AttributeError:
-                return default
-        if node is None:
-            return default
-    return node
-
-
-def default_setup(cfg: Any, args: argparse.Namespace | None) -> None:
+def default_setup(cfg: DictConfig, args: argparse.Namespace | None) -> None:
     """Prepare this process for a run of `cfg`:
 
     - create `train.output_dir`; log to `log.txt` (rank 0) or `log.txt.rankN` (others) there,
@@ -113,7 +99,7 @@ def default_setup(cfg: Any, args: argparse.Namespace | None) -> None:
       seed per process, logged);
     - set `torch.backends.cudnn.benchmark` from `train.cudnn_benchmark` (default off).
     """
-    output_dir = _cfg_get(cfg, "train.output_dir")
+    output_dir = OmegaConf.select(cfg, "train.output_dir", default=None)
     rank = comm.get_rank()
     if output_dir and comm.is_main_process():
         _path_manager.mkdirs(output_dir)
@@ -142,12 +128,14 @@ def default_setup(cfg: Any, args: argparse.Namespace | None) -> None:
             # e.g. a lambda in the config: the run itself is fine, only the YAML copy is not
             logger.warning("Could not save the config to %s: %s", path, e)
 
-    seed = _cfg_get(cfg, "train.seed", -1)
+    seed = OmegaConf.select(cfg, "train.seed", default=None)
     seed = None if seed is None or int(seed) < 0 else int(seed) + rank
     seed = seed_all_rng(seed)
     logger.info("Seed of rank %d: %d", rank, seed)
 
-    torch.backends.cudnn.benchmark = bool(_cfg_get(cfg, "train.cudnn_benchmark", False))
+    torch.backends.cudnn.benchmark = bool(
+        OmegaConf.select(cfg, "train.cudnn_benchmark", default=False)
+    )
 
 
 def default_writers(output_dir: str, max_iter: int | None = None) -> list[EventWriter]:

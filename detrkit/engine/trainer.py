@@ -2,8 +2,10 @@
 
 `Trainer.run_step` is detrex's step: read a batch, run the model (it returns a dict of losses in
 training mode), sum the losses, backpropagate (optionally under torch.amp autocast with a
-GradScaler for float16), clip gradients, step the optimizer. Everything periodic (learning-rate
-schedule, checkpoints, evaluation, logging) lives in hooks (`detrkit.engine.hooks`).
+GradScaler for float16), call the hooks' `after_backward`, record the losses (every
+`gather_metric_period` steps), clip gradients, step the optimizer. Everything periodic
+(learning-rate schedule, checkpoints, evaluation, logging) lives in hooks (`detrkit.engine.hooks`,
+whose docstring gives the order `tools/train_net.py` registers them in).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from detrkit.config import ConfigError
 from detrkit.utils import comm
 
 from .events import EventStorage
@@ -32,10 +35,11 @@ logger = logging.getLogger(__name__)
 class HookBase:
     """Something run at fixed points of training. Subclasses override any of::
 
-        before_train()   once, before the first iteration
-        before_step()    before every iteration
-        after_step()     after every iteration
-        after_train()    once at the end, also when training stopped with an error
+        before_train()    once, before the first iteration
+        before_step()     before every iteration
+        after_backward()  after the backward pass, before the optimizer step
+        after_step()      after every iteration
+        after_train()     once at the end, also when training stopped with an error
 
     `self.trainer` is set by `TrainerBase.register_hooks` (a weak reference). A hook with state
     to resume (e.g. a learning-rate scheduler) returns it from `state_dict()`; it is saved in
@@ -51,6 +55,9 @@ class HookBase:
         pass
 
     def before_step(self) -> None:
+        pass
+
+    def after_backward(self) -> None:
         pass
 
     def after_step(self) -> None:
@@ -122,6 +129,10 @@ class TrainerBase:
         for h in self._hooks:
             h.before_step()
 
+    def after_backward(self) -> None:
+        for h in self._hooks:
+            h.after_backward()
+
     def after_step(self) -> None:
         for h in self._hooks:
             h.after_step()
@@ -175,11 +186,11 @@ def _resolve_amp_dtype(amp_dtype: str | torch.dtype | None, device_type: str) ->
     elif isinstance(amp_dtype, str) and amp_dtype.replace("torch.", "") in _AMP_DTYPES:
         dtype = _AMP_DTYPES[amp_dtype.replace("torch.", "")]
     else:
-        raise ValueError(
+        raise ConfigError(
             f"train.amp.dtype={amp_dtype!r} is not supported; accepted: 'float16' or 'bfloat16'"
         )
     if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(
+        raise ConfigError(
             f"train.amp.dtype={amp_dtype!r} is not supported; accepted: 'float16' or 'bfloat16'"
         )
     if device_type != "cuda" and dtype == torch.float16:
@@ -212,6 +223,8 @@ class Trainer(TrainerBase):
             and bfloat16 on the CPU. float16 on the CPU falls back to bfloat16 with a warning.
         clip_grad_params: e.g. `{"max_norm": 0.1, "norm_type": 2}` to clip the gradient norm
             (after unscaling under float16 AMP); None for no clipping.
+        gather_metric_period: reduce, check and record the losses every this many steps (each
+            time is a host sync). A non-finite loss is caught at those steps only.
     """
 
     def __init__(
@@ -223,8 +236,19 @@ class Trainer(TrainerBase):
         amp: bool = False,
         amp_dtype: str | torch.dtype | None = None,
         clip_grad_params: Mapping[str, Any] | None = None,
+        gather_metric_period: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(gather_metric_period, bool) or not isinstance(gather_metric_period, int):
+            raise ConfigError(
+                f"train.gather_metric_period={gather_metric_period!r} is not valid; accepted: an "
+                "integer >= 1"
+            )
+        if gather_metric_period < 1:
+            raise ConfigError(
+                f"train.gather_metric_period={gather_metric_period} is not valid; accepted: >= 1"
+            )
+        self.gather_metric_period = gather_metric_period
         model.train()
         self.model = model
         self.data_loader = data_loader
@@ -242,7 +266,7 @@ class Trainer(TrainerBase):
         if self.clip_grad_params is not None:
             unknown = set(self.clip_grad_params) - {"max_norm", "norm_type", "error_if_nonfinite"}
             if unknown or "max_norm" not in self.clip_grad_params:
-                raise ValueError(
+                raise ConfigError(
                     f"train.clip_grad.params={self.clip_grad_params} is not valid; accepted keys: "
                     "max_norm (required), norm_type, error_if_nonfinite"
                 )
@@ -253,7 +277,7 @@ class Trainer(TrainerBase):
                 or max_norm <= 0
             ):
                 # 0 would scale every gradient to zero: training that silently learns nothing
-                raise ValueError(
+                raise ConfigError(
                     f"train.clip_grad.params.max_norm={max_norm!r} is not valid; accepted: a "
                     "positive number (to train without clipping set train.clip_grad.enabled=False)"
                 )
@@ -279,20 +303,26 @@ class Trainer(TrainerBase):
             else:
                 losses = sum(loss_dict.values())
 
-        # Reduce the metrics before the update: every rank then sees the same total and stops
-        # together on a non-finite loss, and no NaN ever reaches the weights.
-        self._write_metrics(loss_dict, data_time)
-
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self.after_backward()
+
+        # As detectron2: the metrics are reduced after the backward pass (the device has its
+        # work queued when the host waits for the values) and only every gather_metric_period
+        # steps. Before the update: at those steps every rank stops together on a non-finite
+        # loss, before it reaches the weights.
+        self._write_metrics(loss_dict, data_time)
+
+        if self.grad_scaler is not None:
             if self.clip_grad_params is not None:
                 self.grad_scaler.unscale_(self.optimizer)
                 self._clip_grads()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            losses.backward()
             if self.clip_grad_params is not None:
                 self._clip_grads()
             self.optimizer.step()
@@ -302,8 +332,10 @@ class Trainer(TrainerBase):
         return torch.nn.utils.clip_grad_norm_(params, **self.clip_grad_params)
 
     def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> None:
-        """Average the losses over ranks (max of the data time), check they are finite and
-        record them in the event storage."""
+        """Every `gather_metric_period` steps: average the losses over ranks (max of the data
+        time), check they are finite and record them in the event storage."""
+        if (self.iter + 1) % self.gather_metric_period != 0:
+            return
         names = sorted(loss_dict)
         values = [loss_dict[k].detach().float().reshape(()) for k in names]
         metrics = torch.stack(values) if values else torch.zeros(0, device=self.device)

@@ -8,6 +8,7 @@ from .backbone import (
     FrozenBatchNorm2d,
     ResNet,
     get_norm,
+    set_frozen_norm_folding,
 )
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .matcher import HungarianMatcher
@@ -25,5 +26,6 @@ __all__ = [
     "ResNet",
     "SetCriterion",
     "get_norm",
+    "set_frozen_norm_folding",
     "sigmoid_focal_loss",
 ]

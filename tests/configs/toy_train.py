@@ -21,7 +21,6 @@ model = L(ToyModel)(
     in_dim=8,
     out_dim=4,
     hidden_dim=16,
-    device="${..train.device}",
     # test knobs (see tests/toy): -1 / 0 / "" switch them off
     nan_at_iter=-1,
     raise_at_iter=-1,

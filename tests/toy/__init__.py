@@ -48,7 +48,6 @@ class ToyModel(nn.Module):
         raise_on_rank: int = -1,
         sleep_per_iter: float = 0.0,
         dump_params_dir: str = "",
-        device: str = "cpu",
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(
@@ -61,7 +60,6 @@ class ToyModel(nn.Module):
         self.raise_on_rank = raise_on_rank
         self.sleep_per_iter = sleep_per_iter
         self.dump_params_dir = dump_params_dir
-        self.to(device)
 
     @property
     def device(self) -> torch.device:

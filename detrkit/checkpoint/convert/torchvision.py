@@ -6,13 +6,16 @@ Ours: `stem.conv1` (+ `.norm`), `res2..res5.<block>.{conv1,conv2,conv3}` each wi
 shortcut as `shortcut` (+ `.norm`). Both are the v1.5 bottleneck (stride on the 3x3 conv), so the
 tensors carry over unchanged. The classifier has no counterpart and `num_batches_tracked` is not
 kept by FrozenBatchNorm2d: both are dropped.
+
+Registered as a layout (`DetectionCheckpointer` renames such a file on load, so an ImageNet
+`.pth` initializes the backbone as it is) and as `--source torchvision`.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
 import torch
@@ -22,11 +25,10 @@ from .common import (
     ConversionResult,
     check_layout,
     first,
-    is_torchvision_resnet,
     model_state,
     strip_prefix,
-    wrong_source_message,
 )
+from .registry import register_converter, register_layout, wrong_source_message
 
 __all__ = [
     "convert_torchvision",
@@ -53,6 +55,11 @@ _BLOCK_PARTS = {
     "downsample.0": "shortcut",
     "downsample.1": "shortcut.norm",
 }
+
+
+def is_torchvision_resnet(keys: Iterable[str]) -> bool:
+    """True for a state dict in torchvision's ResNet names (at the top level)."""
+    return {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight"} <= set(keys)
 
 
 def torchvision_to_detectron2_name(key: str) -> str | None:
@@ -170,3 +177,32 @@ def convert_torchvision(data: Any, path: str, prefix: str = "backbone.") -> Conv
             f"the bundled configs build a ResNet-50; set model.backbone.stages.depth={depth}"
         )
     return ConversionResult(model=out, notes=notes)
+
+
+def _rename_on_load(checkpoint: dict[str, Any], path: str, model_keys: Set[str]) -> str | None:
+    """A torchvision ResNet loaded into a model in detectron2's names: renamed, then matched to
+    the model by suffix (`res2.0.conv1.weight` finds `backbone.res2.0.conv1.weight`)."""
+    if "conv1.weight" in model_keys:  # the model itself uses torchvision's names
+        return None
+    renamed, dropped = rename_torchvision_resnet(checkpoint["model"])
+    checkpoint["model"] = renamed
+    checkpoint["matching_heuristics"] = True
+    classifier = sorted(k for k in dropped if not k.endswith("num_batches_tracked"))
+    return (
+        f"{path} is a torchvision ResNet: renamed its keys to detectron2's ResNet names "
+        f"(conv1 -> stem.conv1, layer1 -> res2, bn1 -> conv1.norm, downsample -> "
+        f"shortcut) and dropped {len(dropped)} keys without a counterpart"
+        + (f" ({', '.join(classifier)} and the BatchNorm counters)" if classifier else "")
+    )
+
+
+register_layout(
+    "torchvision",
+    is_torchvision_resnet,
+    hint="{path} is a torchvision ResNet (conv1.weight, layer1.*), not {expected}: "
+    "use --source torchvision",
+    on_load=_rename_on_load,
+)
+register_converter(
+    "torchvision", convert_torchvision, description="a torchvision ResNet state dict"
+)

@@ -4,7 +4,7 @@
 // (CUDA kernel), so the CPU tests exercise the same bilinear sampling and its derivatives that
 // the GPU runs. The kernels differ only in how they split the work and how they reduce.
 //
-// Conventions (see MODEL.md, "Multi-scale deformable attention"):
+// Conventions (see docs/model.md, "Multi-scale deformable attention"):
 //   value            (N, S, M, D), D contiguous; a level starts at row `level_start` of S.
 //   a location       normalized (x, y); pixel coordinate = loc * size - 0.5 (align_corners=False).
 //   zero padding     a corner contributes only when it lies inside the (H, W) map.

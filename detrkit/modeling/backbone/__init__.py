@@ -8,6 +8,7 @@ from .resnet import (
     FrozenBatchNorm2d,
     ResNet,
     get_norm,
+    set_frozen_norm_folding,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "FrozenBatchNorm2d",
     "ResNet",
     "get_norm",
+    "set_frozen_norm_folding",
 ]

@@ -8,7 +8,7 @@ and `reference_points`, class loss weight 2, 187500 iterations at batch 32):
     python tools/train_net.py \
         --config-file projects/deformable_detr/configs/deformable_detr_r50_50ep.py \
         optimizer.lr=2e-4 \
-        optimizer.params.lr_factor_func=detrkit.engine.optimizer.deformable_detr_lr_factor \
+        optimizer.params.lr_factor_func=projects.deformable_detr.optim.deformable_detr_lr_factor \
         model.criterion.weight_dict.loss_class=2.0 dataloader.train.total_batch_size=32 \
         train.max_iter=187500 lr_multiplier.scheduler.milestones=[150000,187500]
 """

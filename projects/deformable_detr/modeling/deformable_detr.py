@@ -5,13 +5,12 @@
 losses in training, or `[{"instances": Instances(pred_boxes, scores, pred_classes)}]` in eval.
 
 Variants: single scale (one level), single scale DC5, multi-scale, + iterative box refinement
-(`with_box_refine`), ++ two-stage (`as_two_stage`); see MODEL.md.
+(`with_box_refine`), ++ two-stage (`as_two_stage`); see docs/model.md.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import re
 
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 
 from detrkit.layers import MLP, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from detrkit.structures import Boxes, ImageList, Instances
-from detrkit.utils.logger import log_first_n
 
 
 class DeformableDETR(nn.Module):
@@ -42,7 +40,6 @@ class DeformableDETR(nn.Module):
         as_two_stage: bool = False,
         select_box_nums_for_evaluation: int = 300,
         batch_invariant_eval: bool = True,
-        device: str = "cuda",
     ) -> None:
         """
         Args:
@@ -56,8 +53,8 @@ class DeformableDETR(nn.Module):
             batch_invariant_eval: in eval, run the backbone and neck image by image, so a
                 result never depends on which other images share the batch (padding would
                 otherwise leak into convolutions and GroupNorm statistics).
-            device: accepted for detrex config compatibility; placement is done by the caller
-                (`model.to(cfg.train.device)`).
+
+        The caller places the model (`tools/train_net.py`: on `train.device`).
         """
         super().__init__()
         if num_classes < 1:
@@ -159,7 +156,13 @@ class DeformableDETR(nn.Module):
         return ImageList.from_tensors(images)
 
     def prepare_targets(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Ground truth as the criterion wants it: labels and normalized cxcywh boxes."""
+        """Ground truth as the criterion wants it: labels and normalized cxcywh boxes.
+
+        The values are not checked here: on a GPU every check would be a host sync per step.
+        The data pipeline checks them where they enter (category ids when a dataset is loaded,
+        boxes in the mapper, which also clips them to the image; the class count against
+        `model.num_classes` at start-up).
+        """
         targets = []
         for i, record in enumerate(batched_inputs):
             if "instances" not in record:
@@ -176,31 +179,6 @@ class DeformableDETR(nn.Module):
             else:
                 boxes = instances.gt_boxes.tensor.to(self.device, torch.float32)
                 labels = instances.gt_classes.to(self.device, torch.long)
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                bad = labels[(labels < 0) | (labels >= self.num_classes)].unique().tolist()
-                raise ValueError(
-                    f"DeformableDETR: training input {i} has class ids {bad}; accepted ids are "
-                    f"0..{self.num_classes - 1} (model.num_classes={self.num_classes})"
-                )
-            if boxes.numel():
-                if not torch.isfinite(boxes).all():
-                    raise ValueError(f"DeformableDETR: training input {i} has non-finite gt_boxes")
-                if (boxes[:, 2:] < boxes[:, :2]).any():
-                    raise ValueError(
-                        f"DeformableDETR: training input {i} has gt_boxes with x1 < x0 or y1 < y0; "
-                        "boxes must be XYXY_ABS in the augmented image"
-                    )
-                outside = (boxes[:, :2] < 0).any() or (boxes[:, 2] > width).any()
-                if outside or (boxes[:, 3] > height).any():
-                    log_first_n(
-                        logging.WARNING,
-                        "DeformableDETR: gt_boxes reach outside their image; clipping them to the "
-                        "image (this warning is shown once)",
-                        name=__name__,
-                    )
-                    boxes = Boxes(boxes.clone())
-                    boxes.clip((height, width))
-                    boxes = boxes.tensor
             scale = boxes.new_tensor([width, height, width, height])
             targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(boxes / scale)})
         return targets

@@ -17,7 +17,7 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,
     log_period=20,
+    gather_metric_period=1,  # detrkit: losses reduced and checked every this many steps
     model_ema=dict(enabled=False, decay=0.999, device="", use_ema_weights_for_eval_only=False),
-    wandb=dict(enabled=False, params=dict(dir="./wandb_output", project="detrkit", name="")),
     device="cuda",
 )

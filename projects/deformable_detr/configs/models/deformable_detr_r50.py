@@ -92,5 +92,6 @@ model = L(DeformableDETR)(
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
     select_box_nums_for_evaluation=300,
-    device="${train.device}",
+    # False: a padded batch runs as one (faster); a result may then depend on its batch-mates
+    batch_invariant_eval=True,
 )

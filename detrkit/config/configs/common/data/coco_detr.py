@@ -62,4 +62,9 @@ dataloader.test = L(build_detection_test_loader)(
     num_workers=4,
 )
 
-dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}")
+# visualize_n=K: pictures of the first K test images (predictions beside the ground truth)
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    backend="pycocotools",  # or "faster_coco_eval": the same numbers, several times faster
+    visualize_n=0,
+)

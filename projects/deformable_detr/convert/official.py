@@ -1,8 +1,9 @@
 """Official Deformable-DETR checkpoints (the paper's code) -> our (detrex) key names.
 
 An official checkpoint is `{"model", "optimizer", "lr_scheduler", "epoch", "args"}`, `args` an
-`argparse.Namespace`; it is read with `torch.load(weights_only=True)` allowing only that class.
-Only `model` and `args.dilation` are used.
+`argparse.Namespace`; it is read with `torch.load(weights_only=True)` (tensors, plain containers,
+numbers and strings) plus `argparse.Namespace` and numpy scalars and dtypes; any other pickled
+object is refused. Only `model` and `args.dilation` are used.
 
 Name rules (official -> ours):
 
@@ -22,8 +23,10 @@ Name rules (official -> ours):
   `transformer.decoder.bbox_embed.k`, `transformer.decoder.class_embed.k`).
 
 Class heads: the official COCO head has 91 outputs indexed by COCO category id (no background
-logit); ours has 80 contiguous classes, so every class head keeps the rows of the 80 category ids
-in order (two-stage's seventh, proposal-scoring head included).
+logit); ours has 80 contiguous classes, so each decoder layer's class head keeps the rows of the
+80 category ids in order. Two-stage's seventh (proposal-scoring) head is trained with every label
+0: its row 0 is the objectness logit that selects the proposals and the only row the model reads,
+so it keeps official row 0 first, then the rows of the other 79 category ids (2, 3, ..., 90).
 
 Aliases: a state dict lists a module once per name it is registered under. Without box
 refinement the six layers share one class head and one box head (`class_embed.0..5` are one
@@ -31,6 +34,9 @@ tensor); with refinement `transformer.decoder.bbox_embed.k` is `bbox_embed.k`; t
 lists `transformer.decoder.class_embed.k` as `class_embed.k`. Aliases must hold identical
 tensors; the output keeps every name (so `load_state_dict(strict=True)` accepts it) with one
 shared tensor per module, as the official file stores it.
+
+`DetectionCheckpointer` refuses an unconverted official checkpoint (`refuse_unconverted`), naming
+the conversion command.
 """
 
 from __future__ import annotations
@@ -38,32 +44,34 @@ from __future__ import annotations
 import argparse
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
 import torch
 
-from detrkit.data.catalog import COCO_CATEGORY_IDS
-
-from .common import (
-    VARIANTS,
+from detrkit.checkpoint import CheckpointError
+from detrkit.checkpoint.convert import (
     ConversionError,
     ConversionResult,
     check_aliases,
     check_layout,
     model_state,
-    read_structure,
-    resolve_variant,
+    resnet_layout,
     strip_prefix,
+    torchvision_to_detectron2_name,
 )
-from .torchvision import resnet_layout, torchvision_to_detectron2_name
+from detrkit.data.builtin_meta import COCO_CATEGORY_IDS
+
+from .variants import VARIANTS, read_structure, resolve_variant
 
 __all__ = [
     "OFFICIAL_NUM_CLASSES",
     "convert_official",
     "head_aliases",
+    "is_official_checkpoint",
     "official_layout",
     "official_to_detrex_name",
+    "refuse_unconverted",
 ]
 
 # the official ResNet-50 Deformable-DETR (all released variants)
@@ -210,6 +218,24 @@ def head_aliases(with_box_refine: bool, as_two_stage: bool) -> OrderedDict[str, 
             ):
                 aliases[alias] = (canonical, why)
     return aliases
+
+
+def is_official_checkpoint(keys: Iterable[str]) -> bool:
+    """True for a state dict in the official code's names (its level embedding's name)."""
+    return "transformer.level_embed" in set(keys)
+
+
+def refuse_unconverted(checkpoint: dict[str, Any], path: str, model_keys: Set[str]) -> None:
+    """`DetectionCheckpointer`'s hook for official files: their names and 91-way class heads
+    differ from the model's, so loading one without conversion fails at once."""
+    if is_official_checkpoint(model_keys):  # a model that itself uses the official names
+        return
+    raise CheckpointError(
+        f"checkpoint {path} is an official Deformable-DETR checkpoint, whose names and "
+        "91-way class heads differ from this model's; convert it first: python "
+        f"tools/convert_weights.py --source official --input {path} --output "
+        "converted.pth, then load converted.pth"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

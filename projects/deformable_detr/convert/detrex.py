@@ -14,22 +14,20 @@ whose 80 COCO rows `--source official` keeps.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from .common import (
-    VARIANTS,
+from detrkit.checkpoint.convert import (
     ConversionError,
     ConversionResult,
     check_aliases,
     check_layout,
     model_state,
-    read_structure,
-    resolve_variant,
     strip_prefix,
 )
+
 from .official import (
     DEFAULT_NUM_QUERIES,
     OFFICIAL_NUM_CLASSES,
@@ -37,8 +35,9 @@ from .official import (
     official_layout,
     official_to_detrex_name,
 )
+from .variants import VARIANTS, read_structure, resolve_variant
 
-__all__ = ["convert_detrex", "detrex_layout"]
+__all__ = ["convert_detrex", "detrex_layout", "is_detrex_checkpoint"]
 
 _TRAINING_STATE = ("trainer", "iteration", "optimizer", "scheduler", "ema_state")
 
@@ -57,6 +56,12 @@ def detrex_layout(
     return OrderedDict(
         (official_to_detrex_name(key, num_feature_levels), shape) for key, shape in official.items()
     )
+
+
+def is_detrex_checkpoint(keys: Iterable[str]) -> bool:
+    """True for a state dict in detrex's Deformable DETR names (this project's own)."""
+    keys = set(keys)
+    return "transformer.level_embeds" in keys or any(k.startswith("neck.convs.") for k in keys)
 
 
 def _all_detrex_keys() -> set[str]:
