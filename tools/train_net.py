@@ -44,6 +44,13 @@ from detrkit.engine import (
     launch,
 )
 from detrkit.engine.launch import check_launch_args
+from detrkit.engine.preemption import (
+    PREEMPTED_EXIT_CODE,
+    PreemptionHook,
+    TrainingPreempted,
+    requeue_slurm_job,
+)
+from detrkit.engine.resume import ResumeStateHook
 from detrkit.evaluation import inference_on_dataset, print_csv_format
 from detrkit.utils import comm
 
@@ -193,14 +200,17 @@ def do_train(args, cfg: Any, device: torch.device) -> None:
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, **checkpointables)
 
     has_eval = "test" in cfg.dataloader and "evaluator" in cfg.dataloader
+    # main process only; resume state and preemption on every rank (see engine/preemption.py)
+    periodic = PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+    periodic = periodic if comm.is_main_process() else None
+    resume_state = ResumeStateHook(cfg.train.checkpointer.period)
     trainer.register_hooks(
         [
             IterationTimer(),
             EMAHook(ema) if ema is not None else None,
             LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-            if comm.is_main_process()
-            else None,
+            resume_state,
+            periodic,
             EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema)) if has_eval else None,
             PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -208,6 +218,7 @@ def do_train(args, cfg: Any, device: torch.device) -> None:
             )
             if comm.is_main_process()
             else None,
+            PreemptionHook(periodic, resume_state),
         ]
     )
 
@@ -305,6 +316,11 @@ if __name__ == "__main__":
         )
     except LaunchError as e:
         _exit_with_error(str(e), code=1)
+    except TrainingPreempted as e:
+        requeued = cfg.train.get("requeue_on_preempt", False) and requeue_slurm_job()
+        then = "the job is requeued" if requeued else "rerun with --resume to continue"
+        print(f"{os.path.basename(sys.argv[0])}: {e.message}; {then}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except USER_ERRORS as e:
         # a bad config value, file, checkpoint or image met while running in this process: the
         # message names it; the traceback goes to log.txt only

@@ -28,6 +28,7 @@ from detrkit.utils import comm
 
 from .ema import ModelEMA
 from .events import EventWriter
+from .resume import preserve_rng_state
 from .trainer import HookBase
 
 __all__ = [
@@ -278,7 +279,8 @@ class EvalHook(HookBase):
     def _do_eval(self, iteration: int) -> None:
         model = getattr(self.trainer, "model", None)
         was_training = model.training if model is not None else None
-        results = self._func()
+        with preserve_rng_state():  # training's random streams do not see the evaluation
+            results = self._func()
         if model is not None:
             model.train(was_training)
 
