@@ -189,9 +189,21 @@ def _train_net(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     )
 
 
-def _losses(folder: Path) -> dict[int, tuple]:
+def _slow_toy_command(out: Path, *args: str, flags: tuple[str, ...] = ()) -> list[str]:
+    """train_net.py on the toy config, slowed down so a signal can land at any iteration."""
+    command = [sys.executable, str(TRAIN_NET), "--config-file", str(TOY_CFG), *flags]
+    return [*command, f"train.output_dir={out}", *args, "model.sleep_per_iter=0.05"]
+
+
+def _losses(folder: Path) -> dict[int, dict[str, float]]:
+    """iteration -> the losses logged for it (metrics.json; window medians as written)."""
     rows = [json.loads(line) for line in (folder / "metrics.json").read_text().splitlines()]
-    return {r["iteration"]: (r["loss_mse"], r["loss_l1"]) for r in rows if "loss_mse" in r}
+    losses = {}
+    for row in rows:
+        values = {k: v for k, v in row.items() if "loss" in k}
+        if values:
+            losses[row["iteration"]] = values
+    return losses
 
 
 def _logged_iterations(folder: Path) -> int:
@@ -202,7 +214,8 @@ def _logged_iterations(folder: Path) -> int:
 def _assert_same_final_state(a: Path, b: Path) -> None:
     first = torch.load(a / "model_final.pth", weights_only=True)
     second = torch.load(b / "model_final.pth", weights_only=True)
-    for part in ("model", "ema_state"):
+    assert first.keys() == second.keys()
+    for part in [p for p in ("model", "ema_state") if p in first]:
         for key, value in first[part].items():
             assert torch.equal(second[part][key], value), (part, key)
     opt_a, opt_b = first["trainer"]["optimizer"], second["trainer"]["optimizer"]
@@ -247,16 +260,7 @@ def test_sigterm_at_a_random_iteration_then_resume_is_bit_exact(tmp_path, toy_un
     out = tmp_path / "run"
     calls = _fake_scontrol(tmp_path / "bin")
     env = _env(SLURM_JOB_ID="777", PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    command = [
-        sys.executable,
-        str(TRAIN_NET),
-        "--config-file",
-        str(TOY_CFG),
-        f"train.output_dir={out}",
-        *TOY_ARGS,
-        "model.sleep_per_iter=0.05",
-        "train.requeue_on_preempt=True",
-    ]
+    command = _slow_toy_command(out, *TOY_ARGS, "train.requeue_on_preempt=True")
     result, logged = kill_at_random_iteration(command, out, env, signal.SIGTERM, 2, 24)
     assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
@@ -276,4 +280,60 @@ def test_sigterm_at_a_random_iteration_then_resume_is_bit_exact(tmp_path, toy_un
     _assert_same_final_state(out, toy_uninterrupted)
     # every iteration logged after the resume has the uninterrupted run's losses
     expected, resumed = _losses(toy_uninterrupted), _losses(out)
+    assert all(resumed[i] == expected[i] for i in range(stop + 1, 30))
+
+
+# --- two gloo processes ----------------------------------------------------------------------
+
+TWO_PROCESSES = ("--num-gpus", "2", "--dist-url", "auto")
+
+
+def _rank_pid(log: Path) -> int:
+    """The pid a rank logs when it starts handling stop signals."""
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if " (pid " in line and "stops after the current iteration" in line:
+            return int(line.split(" (pid ")[1].split(")")[0])
+    return 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_ranks_stops_both_at_one_iteration_and_resume_is_exact(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    result = _train_net(*TWO_PROCESSES, f"train.output_dir={reference}", *TOY_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    out = tmp_path / "run"
+    command = _slow_toy_command(out, *TOY_ARGS, flags=TWO_PROCESSES)
+    proc = subprocess.Popen(
+        command, env=_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        target = random.randint(3, 20)
+        deadline = time.monotonic() + 240
+        while _logged_iterations(out) < target or not _rank_pid(out / "log.txt.rank1"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(_rank_pid(out / "log.txt.rank1"), signal.SIGTERM)  # rank 1 only
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr.decode()[-3000:]
+    last_line = stderr.decode().strip().splitlines()[-1]
+    assert "stopped by a stop signal sent to another rank after iteration" in last_line
+    stop = int(last_line.split("after iteration ")[1].split(";")[0])
+    assert (out / "last_checkpoint").read_text() == f"model_{stop:07d}.pth"
+    saved = torch.load(out / f"model_{stop:07d}.pth", weights_only=True)
+    assert saved["iteration"] == stop
+    # both ranks' positions are in it, taken at that iteration: each rank's loader handed out
+    # stop + 1 batches
+    ranks = saved["trainer"]["hooks"]["ResumeStateHook"]["ranks"]
+    assert [r["data"]["position"] for r in ranks] == [stop + 1, stop + 1]
+    assert "Received SIGTERM: saving a checkpoint of iteration" in (
+        (out / "log.txt.rank1").read_text()
+    )
+
+    result = _train_net("--resume", *TWO_PROCESSES, f"train.output_dir={out}", *TOY_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_final_state(out, reference)
+    expected, resumed = _losses(reference), _losses(out)
     assert all(resumed[i] == expected[i] for i in range(stop + 1, 30))

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import multiprocessing.util
 import operator
 import pickle
 import random
@@ -407,7 +408,12 @@ class ResumableTrainLoader(torchdata.DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self._stream.start = {"batches": self._batches, "workers": list(self._workers)}
-        for state, batch in super().__iter__():
+        batches = super().__iter__()
+        if self.num_workers > 0:
+            # workers ignore SIGTERM (see worker_init_reset_seed): stop them the peaceful way
+            # when the process exits, before multiprocessing terminates and joins its children
+            multiprocessing.util.Finalize(self, _shutdown_workers, args=(batches,), exitpriority=10)
+        for state, batch in batches:
             self._workers[self._batches % len(self._workers)] = state
             self._batches += 1
             if self._collate is not None:
@@ -421,17 +427,18 @@ class ResumableTrainLoader(torchdata.DataLoader):
             "seed": self._stream.seed,
             "sampler_seed": getattr(sampler, "_seed", None),
             "batches": self._batches,
+            "num_workers": self.num_workers,
             "workers": list(self._workers),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["workers"]) != len(self._workers):
+        if state["num_workers"] != self.num_workers:
             logger.warning(
                 "The checkpoint's data loader had %d workers, this one has %d: the data stream "
                 "restarts from the beginning (set dataloader.train.num_workers=%d to continue it)",
-                len(state["workers"]),
-                len(self._workers),
-                len(state["workers"]),
+                state["num_workers"],
+                self.num_workers,
+                state["num_workers"],
             )
             return
         self._stream.seed = int(state["seed"])
@@ -444,6 +451,12 @@ class ResumableTrainLoader(torchdata.DataLoader):
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def _shutdown_workers(iterator: Any) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class AspectRatioGroupedDataset(torchdata.IterableDataset):

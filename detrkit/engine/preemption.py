@@ -116,7 +116,7 @@ class PreemptionHook(HookBase):
             return
         if not self._agree():
             return
-        why = self._received[0] if self._received else "a stop signal on another rank"
+        why = self._received[0] if self._received else "a stop signal sent to another rank"
         if last:
             logger.info("Received %s during the last iteration: training completes", why)
             return
