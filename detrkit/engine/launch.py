@@ -273,9 +273,25 @@ def _first_failure(failure_dir: str) -> tuple[int, str] | None:
     return rank, error
 
 
+# gloo's words for a peer whose process died (its sockets were closed or reset)
+_LOST_PEER = re.compile(
+    r"(?:Read error|Write error|Connection closed by peer|Connection reset by peer)"
+    r".*?\[([^\]]+)\]:\d+(?:: (Connection reset by peer|[^.]*))?"
+)
+
+
 def _last_error_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+    if not lines:
+        return "unknown error"
+    lost = _LOST_PEER.search(lines[-1])
+    if lost is not None:
+        cause = lost.group(2) or "connection closed"
+        return (
+            f"lost the connection to the process at {lost.group(1)} ({cause}): a process of the "
+            "job (on that machine) died or became unreachable; see its log"
+        )
+    return lines[-1]
 
 
 def _spawned_worker(
