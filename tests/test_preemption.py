@@ -5,6 +5,7 @@ tools/train_net.py killed at random iterations (slow)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import capture_logs
 from toy import ToyLoader, ToyModel
 
 from detrkit.checkpoint import DetectionCheckpointer
@@ -132,6 +134,19 @@ def test_without_the_resume_state_the_run_would_differ(tmp_path):
     resumed.train(resumed.iter + 1, 20)
     weight = reference.model.net[0].weight
     assert not torch.equal(resumed.model.net[0].weight, weight)
+
+
+def test_resuming_a_checkpoint_without_resume_state_says_the_streams_restart(tmp_path):
+    trainer, _ = _toy_trainer(tmp_path, signal_at=7)
+    trainer._hooks = [h for h in trainer._hooks if not isinstance(h, ResumeStateHook)]
+    with pytest.raises(TrainingPreempted):
+        trainer.train(0, 20)
+    resumed, checkpointer = _toy_trainer(tmp_path)
+    checkpointer.resume_or_load("", resume=True)
+    with capture_logs("detrkit.engine.resume", logging.WARNING) as records:
+        resumed.train(resumed.iter + 1, 9)
+    assert len(records) == 1
+    assert "the data order and random streams restart" in records[0].getMessage()
 
 
 def _fake_scontrol(folder: Path) -> Path:

@@ -5,9 +5,12 @@
         [--num-machines M] [--machine-rank R] [--dist-url URL] [key=value ...]
 
 Training registers, in order: IterationTimer, EMAHook (train.model_ema.enabled), LRScheduler,
-PeriodicCheckpointer (rank 0), EvalHook (when the config has dataloader.test and
-dataloader.evaluator), PeriodicWriter (rank 0). `train.device="cuda"` on a machine without CUDA
-trains on the CPU (with a warning), so GPU configs also run on a laptop.
+ResumeStateHook, PeriodicCheckpointer (rank 0), EvalHook (when the config has dataloader.test and
+dataloader.evaluator), PeriodicWriter (rank 0), PreemptionHook. Exit codes: 0 done, 1 error,
+2 bad command line or config, 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint
+(rerun with --resume; `train.requeue_on_preempt=True` requeues a SLURM job).
+`train.device="cuda"` on a machine without CUDA trains on the CPU (with a warning), so GPU
+configs also run on a laptop.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ the earlier ones recorded)::
     IterationTimer        puts `time`; logs `Overall training speed: ...` at the end
     EMAHook               (train.model_ema.enabled) updates the weight average
     LRScheduler           puts `lr`, then steps the schedule
+    ResumeStateHook       (all ranks; resume.py) gathers RNG states and data positions to save
     PeriodicCheckpointer  (rank 0) model_{iter:07d}.pth every period, model_final.pth at the end
     EvalHook              every eval_period and after the last iteration (all ranks)
     PeriodicWriter        (rank 0) console line, metrics.json, TensorBoard every log_period
+    PreemptionHook        (all ranks; preemption.py) on SIGTERM/SIGINT/SIGUSR1: save and stop
 """
 
 from __future__ import annotations

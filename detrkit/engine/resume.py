@@ -87,8 +87,16 @@ class ResumeStateHook(HookBase):
         self._collected_at: int | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._pending_metrics: dict[str, list[list[float]]] = {}
+        self._loaded = False  # whether a checkpoint's state was loaded
 
     def before_train(self) -> None:
+        if self.trainer.iter > 0 and not self._loaded:
+            logger.warning(
+                "Resuming at iteration %d from a checkpoint without the data position and "
+                "random generators (written without ResumeStateHook): the data order and "
+                "random streams restart, so the run will not match an uninterrupted one",
+                self.trainer.iter,
+            )
         histories = self.trainer.storage.histories()
         for name, values in self._pending_metrics.items():
             for value, iteration in values:
@@ -144,6 +152,7 @@ class ResumeStateHook(HookBase):
                 len(ranks),
                 comm.get_world_size(),
             )
+            self._loaded = True  # said so already
             return
         mine = ranks[comm.get_rank()]
         loader = getattr(self.trainer, "data_loader", None)
@@ -156,5 +165,6 @@ class ResumeStateHook(HookBase):
                     "cannot resume one: the data order restarts",
                     type(loader).__name__,
                 )
+        self._loaded = True
         self._pending_rng = mine["rng"]
         self._pending_metrics = mine.get("metrics", {})
