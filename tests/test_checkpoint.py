@@ -503,12 +503,16 @@ def test_failed_save_keeps_previous_checkpoint_and_tag(tmp_path, monkeypatch):
         raise OSError("disk full")  # ... and the process dies here
 
     monkeypatch.setattr(ckpt_module.torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"model_0000019\.pth .*disk full"):
         checkpointer.save("model_0000019", iteration=19)
     monkeypatch.setattr(ckpt_module.torch, "save", real_save)
 
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000009.pth",
+        "model_0000009.pth.sha256",
+    ]
     restored = Detector()
     extra = DetectionCheckpointer(restored, str(tmp_path)).resume_or_load("", resume=True)
     assert extra["iteration"] == 9
@@ -539,8 +543,10 @@ def test_last_checkpoint_only_ever_names_complete_files(tmp_path, monkeypatch):
     checkpointer.save("model_0000009")
     assert events == [
         "model_0000004.pth",
+        "model_0000004.pth.sha256",
         "last_checkpoint",
         "model_0000009.pth",
+        "model_0000009.pth.sha256",
         "last_checkpoint",
     ]
 
@@ -551,7 +557,7 @@ def test_last_checkpoint_only_ever_names_complete_files(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(ckpt_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(CheckpointError, match="killed"):
         checkpointer.save("model_0000014")
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]

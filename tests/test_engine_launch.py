@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,8 @@ def test_gloo_processes_on_a_gpu_machine(monkeypatch):
 
     def fake_start_processes(fn, args, nprocs, **kwargs):
         started.update(nprocs=nprocs, backend=args[4])
+        # a context whose processes have all ended
+        return types.SimpleNamespace(processes=[], join=lambda: True)
 
     monkeypatch.setattr("torch.multiprocessing.start_processes", fake_start_processes)
     launch(lambda: None, 3, dist_url="auto", backend="gloo")

@@ -336,7 +336,18 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
     for index, state in opt_a["state"].items():
         for key, value in state.items():
             assert torch.allclose(value.double(), opt_b["state"][index][key].double(), atol=1e-6)
-    assert a["trainer"]["hooks"] == b["trainer"]["hooks"]
+    hooks_a, hooks_b = a["trainer"]["hooks"], b["trainer"]["hooks"]
+    assert hooks_a.keys() == hooks_b.keys()
+    assert hooks_a["LRScheduler"] == hooks_b["LRScheduler"]
+    # the resume state: the same data position and generators (timings naturally differ)
+    for rank_a, rank_b in zip(
+        hooks_a["ResumeStateHook"]["ranks"], hooks_b["ResumeStateHook"]["ranks"]
+    ):
+        assert rank_a["data"] == rank_b["data"]
+        assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"])
+        assert torch.equal(rank_a["rng"]["numpy"][1], rank_b["rng"]["numpy"][1])
+        assert rank_a["rng"]["python"] == rank_b["rng"]["python"]
+        assert rank_a["metrics"]["loss_mse"] == rank_b["metrics"]["loss_mse"]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:

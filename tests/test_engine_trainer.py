@@ -262,9 +262,11 @@ def test_periodic_checkpointer_files_and_layout(tmp_path):
         ]
     )
     trainer.train(0, 10)
-    files = sorted(p.name for p in tmp_path.iterdir())
-    # saved after iterations 2, 5, 8 (+ final); the oldest periodic one was removed
+    files = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".sha256"))
+    # saved after iterations 2, 5, 8 (+ final); the oldest periodic one was removed (with its
+    # checksum file)
     assert files == ["last_checkpoint", "model_0000005.pth", "model_0000008.pth", "model_final.pth"]
+    assert not (tmp_path / "model_0000002.pth.sha256").exists()
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
     ckpt = torch.load(tmp_path / "model_0000008.pth", weights_only=True)
     assert set(ckpt) == {"model", "trainer", "iteration"}

@@ -6,8 +6,9 @@ tools/lazyconfig_train_net.py with detrex's additions (model EMA, AMP dtype, gra
         [--num-machines M] [--machine-rank R] [--dist-url URL] [key=value ...]
 
 The hooks and their order: `detrkit.engine.hooks`. What is checked in the config, and when:
-`detrkit.engine.config_checks`. `train.device="cuda"` on a machine without CUDA runs on the CPU
-(with a warning), so GPU configs also run on a laptop.
+`detrkit.engine.config_checks`. Interruptions (signals, exit code 75, requeue, what a resume
+restores): `detrkit.engine.preemption`. `train.device="cuda"` on a machine without CUDA runs on
+the CPU (with a warning), so GPU configs also run on a laptop.
 """
 
 import logging
@@ -35,6 +36,13 @@ from detrkit.engine import (
     one_line_errors,
     resolve_device,
 )
+from detrkit.engine.preemption import (
+    PREEMPTED_EXIT_CODE,
+    PreemptionHook,
+    TrainingPreempted,
+    requeue_slurm_job,
+)
+from detrkit.engine.resume import ResumeStateHook
 from detrkit.evaluation import inference_on_dataset, print_csv_format
 from detrkit.utils import comm
 
@@ -98,14 +106,17 @@ def do_train(args, cfg):
         **({"ema_state": ema} if ema is not None else {}),
     )
     has_eval = "test" in cfg.dataloader and "evaluator" in cfg.dataloader
+    # main process only; resume state and preemption on every rank (see engine/preemption.py)
+    periodic = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+    periodic = periodic if comm.is_main_process() else None
+    resume_state = ResumeStateHook(cfg.train.checkpointer.period)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.EMAHook(ema) if ema is not None else None,
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-            if comm.is_main_process()
-            else None,
+            resume_state,
+            periodic,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema))
             if has_eval
             else None,
@@ -115,6 +126,7 @@ def do_train(args, cfg):
             )
             if comm.is_main_process()
             else None,
+            PreemptionHook(periodic, resume_state),
         ]
     )
 
@@ -163,16 +175,23 @@ def invoke_main() -> None:
     with one_line_errors():  # before any process starts: exit code 2, as argparse
         cfg = load_config(args)
         check_config(cfg, args)
-    with one_line_errors(output_dir=cfg.train.output_dir):
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-            backend=launch_backend(cfg),
-        )
+    try:
+        with one_line_errors(output_dir=cfg.train.output_dir):
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+                backend=launch_backend(cfg),
+            )
+
+    except TrainingPreempted as e:
+        requeued = cfg.train.get("requeue_on_preempt", False) and requeue_slurm_job()
+        then = "the job is requeued" if requeued else "rerun with --resume to continue"
+        print(f"{os.path.basename(sys.argv[0])}: {e.message}; {then}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@
   `module.` prefix, skips tensors whose shape differs from the model's, and reports missing and
   unexpected keys grouped by prefix;
 - writes checkpoints and `last_checkpoint` atomically (temp file, fsync, rename), so a kill at
-  any moment leaves the previous checkpoint and its tag intact.
+  any moment leaves the previous checkpoint and its tag intact;
+- writes beside each checkpoint a `<name>.pth.sha256` file (`sha256sum -c` reads it) with the
+  hash of its bytes, computed while writing; resuming verifies the checkpoint `last_checkpoint`
+  names and falls back to the newest intact one when it is missing, truncated or corrupt;
+- turns a failed save (full disk, permissions) into a `CheckpointError` naming the file and the
+  cause, leaving no temporary file and the previous checkpoint and tag untouched.
 
 A saved checkpoint is `{"model": state_dict, <checkpointable>: state, ..., **extra}`; the engine
 passes the trainer (and EMA state) as checkpointables and `iteration` as extra data. The public
@@ -19,8 +24,12 @@ methods are those of fvcore's and detectron2's checkpointers, so fvcore's
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import logging
 import os
+import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from itertools import chain
@@ -38,9 +47,76 @@ from .convert import find_layout
 from .io import CheckpointError, CheckpointNotFoundError, read_checkpoint_file, unwrap_state_dict
 from .keys import align_by_suffix, summarize_keys
 
-__all__ = ["DetectionCheckpointer", "IncompatibleKeys"]
+__all__ = ["CHECKSUM_SUFFIX", "DetectionCheckpointer", "IncompatibleKeys", "verify_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+CHECKSUM_SUFFIX = ".sha256"
+# files `resume_or_load` may fall back to: <prefix>_<7 digits>.pth and <prefix>_final.pth
+_RESUMABLE = re.compile(r"(.+)_(\d{7}|final)\.pth")
+
+
+class _HashingWriter:
+    """Passes writes on to a file while hashing them, so the checksum costs no second read."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None  # torch.save reports a failed write as a RuntimeError
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """None when `path` matches its `.sha256` file; otherwise what is wrong with it.
+
+    A checkpoint without a checksum file (written by another tool) passes here; reading it
+    is then the only check.
+    """
+    if not os.path.isfile(path):
+        return "missing"
+    sidecar = path + CHECKSUM_SUFFIX
+    if not os.path.isfile(sidecar):
+        return None
+    try:
+        with open(sidecar) as f:
+            expected = f.read().split()[0].lower()
+        actual = _file_sha256(path)
+    except (OSError, IndexError) as e:
+        return f"unreadable ({e})"
+    if actual != expected:
+        return f"corrupt: sha256 {actual[:12]}... differs from {os.path.basename(sidecar)}"
+    return None
+
+
+def _checkpoint_order(name: str) -> float:
+    match = _RESUMABLE.fullmatch(name)
+    if match is None:
+        return -1.0
+    return float("inf") if match.group(2) == "final" else float(match.group(2))
+
+
+def _os_error_text(e: OSError) -> str:
+    if e.errno is not None:
+        return f"{errno.errorcode.get(e.errno, e.errno)}: {os.strerror(e.errno)}"
+    return str(e)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -78,6 +154,7 @@ class DetectionCheckpointer:
         for key, obj in checkpointables.items():
             self.add_checkpointable(key, obj)
         self.logger = logger
+        self.resumed_from = ""  # the file `resume_or_load` resumed from
         # fvcore's PeriodicCheckpointer deletes old checkpoints through it; local files only
         self.path_manager = PathManager()
 
@@ -107,8 +184,42 @@ class DetectionCheckpointer:
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        sidecar = save_file + CHECKSUM_SUFFIX
+        digest = {}
+
+        def write_checkpoint(f) -> None:
+            writer = _HashingWriter(f)
+            try:
+                torch.save(data, writer)
+            except RuntimeError:
+                if writer.error is not None:  # the cause, not torch's "unexpected pos"
+                    raise writer.error from None
+                raise
+            digest["sha256"] = writer.sha256.hexdigest()
+
+        try:
+            atomic_write(save_file, write_checkpoint)
+            line = f"{digest['sha256']}  {basename}\n".encode()
+            try:
+                atomic_write(sidecar, lambda f: f.write(line))
+            except BaseException:
+                # a checkpoint without its checksum is not left behind (nor a stale checksum)
+                for leftover in (save_file, sidecar):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
+                raise
+            self.tag_last_checkpoint(basename)
+        except OSError as e:
+            raise CheckpointError(
+                f"could not save checkpoint {save_file} ({_os_error_text(e)}); the previous "
+                "checkpoint and last_checkpoint are unchanged"
+            ) from e
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Remove a checkpoint and its checksum file."""
+        for name in (path, path + CHECKSUM_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically record the newest checkpoint's file name in `save_dir/last_checkpoint`."""
@@ -130,6 +241,14 @@ class DetectionCheckpointer:
             return ""
         return os.path.join(self.save_dir, last_saved)
 
+    def resumable_checkpoints(self) -> list[str]:
+        """`<prefix>_<iteration>.pth` and `<prefix>_final.pth` in save_dir, newest first."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        names = [n for n in os.listdir(self.save_dir) if _checkpoint_order(n) >= 0]
+        names.sort(key=_checkpoint_order, reverse=True)
+        return [os.path.join(self.save_dir, n) for n in names]
+
     def get_all_checkpoint_files(self) -> list[str]:
         """Every `.pth` file in `save_dir`."""
         return [
@@ -142,17 +261,46 @@ class DetectionCheckpointer:
 
     def resume_or_load(self, path: str, resume: bool = True) -> dict[str, Any]:
         """With `resume` and a `last_checkpoint` in save_dir, load everything from the checkpoint
-        it names; otherwise load only the model weights from `path` ("" loads nothing)."""
+        it names (or, when that one is missing or damaged, from the newest intact one); otherwise
+        load only the model weights from `path` ("" loads nothing)."""
         if resume and self.has_checkpoint():
-            last = self.get_checkpoint_file()
-            if not os.path.isfile(last):
-                raise CheckpointNotFoundError(
-                    f"{os.path.join(self.save_dir, 'last_checkpoint')} names {last}, which does "
-                    "not exist; delete last_checkpoint to start from train.init_checkpoint, or "
-                    "point it at an existing model_*.pth"
-                )
-            return self.load(last)
+            return self._resume()
         return self.load(path, checkpointables=[])
+
+    def _resume(self) -> dict[str, Any]:
+        """Load the newest intact checkpoint, trying `last_checkpoint`'s first.
+
+        `resumed_from` is set to the file loaded (pruning keeps it).
+        """
+        named = self.get_checkpoint_file()
+        candidates = [named] if named else []
+        candidates += [p for p in self.resumable_checkpoints() if p != named]
+        tried = []
+        for candidate in candidates:
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                try:
+                    checkpoint = self._load_file(candidate)
+                except CheckpointError as e:
+                    problem = f"unreadable: {e}"
+            if problem is not None:
+                tried.append(f"{candidate} ({problem})")
+                continue
+            if candidate != named:
+                self.logger.warning(
+                    f"last_checkpoint names {named or '(nothing)'}, which is "
+                    f"{tried[0].split(' (', 1)[1][:-1] if named else 'empty'}; resuming from "
+                    f"{candidate}, the newest intact checkpoint"
+                )
+            self.logger.info(f"Resuming from {candidate}")
+            self.resumed_from = candidate
+            return self._apply_checkpoint(checkpoint, candidate, None)
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        raise CheckpointNotFoundError(
+            f"no intact checkpoint to resume from: {tag} names {named or '(nothing)'}; tried "
+            f"{'; '.join(tried) or 'nothing'}. Delete {tag} to start from "
+            "train.init_checkpoint"
+        )
 
     def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
         """Load weights (and the named checkpointables, default all) from `path`; return the
@@ -164,7 +312,11 @@ class DetectionCheckpointer:
         if not os.path.isfile(path):
             raise CheckpointNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
         self.logger.info(f"Loading checkpoint from {path}")
-        checkpoint = self._load_file(path)
+        return self._apply_checkpoint(self._load_file(path), path, checkpointables)
+
+    def _apply_checkpoint(
+        self, checkpoint: dict[str, Any], path: str, checkpointables: list[str] | None
+    ) -> dict[str, Any]:
         self._apply_layout_hook(checkpoint, path)
         incompatible = self._load_model(checkpoint)
         self._log_incompatible_keys(incompatible)

@@ -3,18 +3,23 @@
 Training: an infinite `TrainingSampler` (one seeded permutation stream shared by all processes,
 each rank takes an interleaved slice) feeds a `MapDataset` (record -> model input through the
 mapper; a record the mapper rejects is replaced by another one), optionally grouped into batches
-of similar aspect ratio. Inference: `InferenceSampler` splits the dataset into contiguous shards,
-one per process, without duplicates, and batches are plain lists of dicts.
+of similar aspect ratio. Each sample is augmented under a seed of (seed, epoch, index) and the
+loader can save and restore its position (`ResumableTrainLoader`), so a resumed run sees the
+data an uninterrupted one would have. Inference: `InferenceSampler` splits the dataset into
+contiguous shards, one per process, without duplicates, and batches are plain lists of dicts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
+import multiprocessing.util
 import operator
 import pickle
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,11 +39,13 @@ __all__ = [
     "DatasetFromList",
     "InferenceSampler",
     "MapDataset",
+    "ResumableTrainLoader",
     "TrainingSampler",
     "build_detection_test_loader",
     "build_detection_train_loader",
     "cache_image_bytes",
     "get_detection_dataset_dicts",
+    "sample_seed",
     "trivial_batch_collator",
     "worker_init_reset_seed",
 ]
@@ -305,20 +312,169 @@ class InferenceSampler(torchdata.Sampler):
         return len(self._local_indices)
 
 
-class _SampledDataset(torchdata.IterableDataset):
-    """A map-style dataset read in the order of a sampler; workers split the sampler's stream."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a function of (seed, epoch, dataset index) only,
+    so the same sample is augmented alike whichever worker maps it, and when."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
-    def __init__(self, dataset: Any, sampler: torchdata.Sampler) -> None:
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int, restore: bool) -> Iterator[None]:
+    """Seed python's `random`, numpy's global generator and torch's CPU generator (what
+    augmentations draw from) for one sample; with `restore`, put the previous states back (a
+    mapper running in the training process must not shift the training's random streams)."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def _is_portrait(sample: Any) -> int:
+    h, w = AspectRatioGroupedDataset._size_of(sample)
+    return 0 if w > h else 1
+
+
+class _ResumableTrainStream(torchdata.IterableDataset):
+    """This rank's sampler stream, mapped and batched, as `(position, batch)` items.
+
+    Worker w of W (or the loading process itself: W = 1) maps the stream positions w, w + W, ...
+    and fills its buckets (landscape / portrait when grouping by aspect ratio, else one); a full
+    bucket is a batch. With each batch comes the worker's position: the next stream position it
+    reads and the positions waiting in its buckets, so a loader can restart any worker where it
+    was. The DataLoader takes batches from its workers in turn, so batch k always comes from
+    worker k mod W. Each sample is mapped under `sample_seed(seed, epoch, dataset index)`.
+    """
+
+    def __init__(
+        self, dataset: Any, sampler: torchdata.Sampler, batch_size: int, group: bool, seed: int
+    ) -> None:
         self._dataset = dataset
         self._sampler = sampler
+        self._batch_size = batch_size
+        self._group = group
+        self.seed = seed
+        # where to start: {"batches": k, "workers": [worker state or None, ...]}, or None
+        self.start: dict | None = None
+
+    def _map(self, epoch: int, index: int, in_worker: bool) -> Any:
+        with _seeded_global_rngs(sample_seed(self.seed, epoch, index), restore=not in_worker):
+            return self._dataset[index]
+
+    def __iter__(self) -> Iterator[tuple[dict, list]]:
+        worker = torchdata.get_worker_info()
+        num_workers = worker.num_workers if worker is not None else 1
+        worker_id = worker.id if worker is not None else 0
+        start = self.start or {"batches": 0, "workers": [None] * num_workers}
+        # the worker whose turn comes after `batches` batches plays this worker's part
+        role = (worker_id + start["batches"]) % num_workers
+        state = start["workers"][role] or {"next": role, "buckets": [[], []]}
+
+        size = len(self._dataset)
+        stride = get_world_size()
+        rank = get_rank()
+        stream = enumerate(iter(self._sampler))  # (position in this rank's stream, index)
+        # the samples waiting in the buckets are mapped again, then the stream continues
+        pending = sorted(p for bucket in state["buckets"] for p in bucket)
+        first = pending[0] if pending else state["next"]
+        wanted = itertools.chain(pending, itertools.count(state["next"], num_workers))
+        buckets: list[list[tuple[int, Any]]] = [[], []]
+        target = next(wanted)
+        for position, index in itertools.islice(stream, first, None):
+            if position != target:
+                continue
+            target = next(wanted)
+            epoch = (position * stride + rank) // size
+            sample = self._map(epoch, int(index), worker is not None)
+            if sample is None:
+                continue
+            bucket = buckets[_is_portrait(sample) if self._group else 0]
+            bucket.append((position, sample))
+            if len(bucket) == self._batch_size:  # never while refilling the pending samples
+                batch = [x for _, x in bucket]
+                del bucket[:]
+                after = {"next": target, "buckets": [[p for p, _ in b] for b in buckets]}
+                yield after, batch
+
+
+class ResumableTrainLoader(torchdata.DataLoader):
+    """The training DataLoader of `build_detection_train_loader`, which can save and restore its
+    position in the data stream (`state_dict` / `load_state_dict`, before iterating).
+
+    The position is taken from the batches handed out, not from what workers prefetched.
+    """
+
+    def __init__(self, stream: _ResumableTrainStream, collate_fn: Callable | None, **kwargs):
+        self._collate = collate_fn
+        super().__init__(
+            stream,
+            batch_size=None,
+            collate_fn=_identity,
+            # worker seeds come from here, not from the global generator the training uses
+            generator=torch.Generator().manual_seed(stream.seed),
+            **kwargs,
+        )
+        self._stream = stream
+        self._batches = 0
+        self._workers: list[dict | None] = [None] * max(self.num_workers, 1)
 
     def __iter__(self) -> Iterator[Any]:
-        worker = torchdata.get_worker_info()
-        indices = iter(self._sampler)
-        if worker is not None and worker.num_workers > 1:
-            indices = itertools.islice(indices, worker.id, None, worker.num_workers)
-        for idx in indices:
-            yield self._dataset[idx]
+        self._stream.start = {"batches": self._batches, "workers": list(self._workers)}
+        batches = super().__iter__()
+        if self.num_workers > 0:
+            # workers ignore SIGTERM (see worker_init_reset_seed): stop them the peaceful way
+            # when the process exits, before multiprocessing terminates and joins its children
+            multiprocessing.util.Finalize(self, _shutdown_workers, args=(batches,), exitpriority=10)
+        for state, batch in batches:
+            self._workers[self._batches % len(self._workers)] = state
+            self._batches += 1
+            if self._collate is not None:
+                yield self._collate(batch)
+            else:
+                yield [x for x in batch if x is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self._stream._sampler
+        return {
+            "seed": self._stream.seed,
+            "sampler_seed": getattr(sampler, "_seed", None),
+            "batches": self._batches,
+            "num_workers": self.num_workers,
+            "workers": list(self._workers),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_workers"] != self.num_workers:
+            logger.warning(
+                "The checkpoint's data loader had %d workers, this one has %d: the data stream "
+                "restarts from the beginning (set dataloader.train.num_workers=%d to continue it)",
+                state["num_workers"],
+                self.num_workers,
+                state["num_workers"],
+            )
+            return
+        self._stream.seed = int(state["seed"])
+        sampler = self._stream._sampler
+        if state.get("sampler_seed") is not None and hasattr(sampler, "_seed"):
+            sampler._seed = int(state["sampler_seed"])
+        self._batches = int(state["batches"])
+        self._workers = list(state["workers"])
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _shutdown_workers(iterator: Any) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class AspectRatioGroupedDataset(torchdata.IterableDataset):
@@ -357,10 +513,17 @@ def trivial_batch_collator(batch: list) -> list:
 
 
 def worker_init_reset_seed(worker_id: int) -> None:
-    """Give each data-loader worker its own numpy/python seed (torch's is already distinct)."""
+    """Give each data-loader worker its own numpy/python seed (torch's is already distinct).
+
+    Workers ignore the signals that ask training to stop (SIGTERM, SIGINT, SIGUSR1, which a
+    cluster sends to every process of a job): the training process finishes its iteration,
+    saves and then shuts them down itself.
+    """
     seed = torch.initial_seed() % 2**31
     np.random.seed(seed)
     random.seed(seed)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _ListBatches:
@@ -433,7 +596,12 @@ def build_detection_train_loader(
             dataset = MapDataset(dataset, mapper)
         if sampler is None:
             sampler = TrainingSampler(len(dataset), seed=seed)
-        stream = _SampledDataset(dataset, sampler)
+        seed = getattr(sampler, "_seed", None) if seed is None else seed
+        seed = int(shared_random_seed() if seed is None else seed)
+        stream = _ResumableTrainStream(dataset, sampler, batch_size, aspect_ratio_grouping, seed)
+        return ResumableTrainLoader(
+            stream, collate_fn, num_workers=num_workers, worker_init_fn=worker_init_reset_seed
+        )
 
     common = {"num_workers": num_workers, "worker_init_fn": worker_init_reset_seed}
     if aspect_ratio_grouping:

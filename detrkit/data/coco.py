@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from iopath.common.file_io import PathManager
 
 from detrkit.structures import BoxMode
+from detrkit.utils.file_io import atomic_write
 
 from .catalog import DatasetCatalog, MetadataCatalog
 
@@ -373,8 +374,6 @@ def convert_to_coco_json(dataset_name: str, output_file: str, allow_cached: bool
     directory = os.path.dirname(output_file)
     if directory:
         _path_manager.mkdirs(directory)
-    tmp_file = f"{output_file}.tmp.{os.getpid()}"
-    with _path_manager.open(tmp_file, "w") as f:
-        json.dump(coco_dict, f)
-    os.replace(tmp_file, output_file)
+    # atomic: a run killed here leaves no partial file for the next run to reuse
+    atomic_write(output_file, lambda f: f.write(json.dumps(coco_dict).encode("utf-8")))
     logger.info("Wrote COCO-format annotations of %r to %s", dataset_name, output_file)

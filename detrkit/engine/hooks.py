@@ -10,9 +10,11 @@ the earlier ones recorded)::
     IterationTimer        puts `time`; logs `Overall training speed: ...` at the end
     EMAHook               (train.model_ema.enabled) updates the weight average
     LRScheduler           puts `lr`, then steps the schedule
+    ResumeStateHook       (all ranks; resume.py) gathers RNG states and data positions to save
     PeriodicCheckpointer  (rank 0) model_{iter:07d}.pth every period, model_final.pth at the end
     EvalHook              every eval_period and after the last iteration (all ranks)
     PeriodicWriter        (rank 0) console line, metrics.json, TensorBoard every log_period
+    PreemptionHook        (all ranks; preemption.py) on SIGTERM/SIGINT/SIGUSR1: save and stop
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from fvcore.common.checkpoint import PeriodicCheckpointer as _FvcorePeriodicCheckpointer
 from fvcore.common.param_scheduler import ParamScheduler
 
 from detrkit.config import ConfigError
@@ -34,6 +35,7 @@ from detrkit.utils import comm
 
 from .ema import ModelEMA
 from .events import EventWriter
+from .resume import preserve_rng_state
 from .trainer import HookBase
 
 __all__ = [
@@ -172,10 +174,12 @@ class LRScheduler(HookBase):
 class PeriodicCheckpointer(HookBase):
     """Saves `model_{iter:07d}.pth` after every `period`-th iteration (iter = period - 1,
     2 * period - 1, ...) and `model_final.pth` after the last, keeping the newest
-    `max_to_keep` periodic files (fvcore's `PeriodicCheckpointer` does the saving).
+    `max_to_keep` periodic files.
 
-    Files of an earlier run in the same directory count towards `max_to_keep` on resume.
-    Register it on the main process only.
+    Files of an earlier run in the same directory count towards `max_to_keep` on resume, but
+    pruning never deletes the checkpoint the run resumed from, nor the newest periodic file
+    (the one just written, verified by its checksum when it was saved). Register it on the main
+    process only.
     """
 
     def __init__(
@@ -193,17 +197,14 @@ class PeriodicCheckpointer(HookBase):
                 f"train.checkpointer.max_to_keep={max_to_keep} is not valid; accepted: >= 1"
             )
         self.checkpointer = checkpointer
-        self._periodic = _FvcorePeriodicCheckpointer(
-            checkpointer,
-            int(period),
-            max_iter=max_iter,
-            max_to_keep=None if max_to_keep is None else int(max_to_keep),
-            file_prefix=file_prefix,
-        )
+        self.period = int(period)
+        self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
+        self.max_iter = max_iter
+        self.recent_checkpoints: list[str] = []
         self._file_prefix = file_prefix
 
     def before_train(self) -> None:
-        self._periodic.max_iter = self.trainer.max_iter
+        self.max_iter = self.trainer.max_iter
         # older periodic checkpoints of this directory (a resumed run) count towards the limit
         save_dir = self.checkpointer.save_dir
         pattern = re.compile(re.escape(self._file_prefix) + r"_(\d{7})\.pth$")
@@ -213,10 +214,37 @@ class PeriodicCheckpointer(HookBase):
                 for name in os.listdir(save_dir)
                 if (m := pattern.fullmatch(name)) and int(m.group(1)) < self.trainer.iter
             )
-            self._periodic.recent_checkpoints = [os.path.join(save_dir, n) for _, n in existing]
+            self.recent_checkpoints = [os.path.join(save_dir, n) for _, n in existing]
 
     def after_step(self) -> None:
-        self._periodic.step(self.trainer.iter)
+        iteration = int(self.trainer.iter)
+        if (iteration + 1) % self.period == 0:
+            self.save_periodic(iteration)
+        if self.max_iter is not None and iteration >= self.max_iter - 1:
+            self.checkpointer.save(f"{self._file_prefix}_final", iteration=iteration)
+
+    def save_periodic(self, iteration: int) -> None:
+        """Save `model_{iteration:07d}.pth` (unless it is already the newest) and prune."""
+        name = f"{self._file_prefix}_{iteration:07d}"
+        path = os.path.join(self.checkpointer.save_dir, name + ".pth")
+        if self.recent_checkpoints and self.recent_checkpoints[-1] == path:
+            return
+        self.checkpointer.save(name, iteration=iteration)
+        if path in self.recent_checkpoints:
+            self.recent_checkpoints.remove(path)
+        self.recent_checkpoints.append(path)
+        self._prune()
+
+    def _prune(self) -> None:
+        if self.max_to_keep is None:
+            return
+        keep = {self.recent_checkpoints[-1], getattr(self.checkpointer, "resumed_from", "")}
+        removable = [p for p in self.recent_checkpoints if p not in keep]
+        while len(self.recent_checkpoints) > self.max_to_keep and removable:
+            oldest = removable.pop(0)
+            self.recent_checkpoints.remove(oldest)
+            logger.info("Removing old checkpoint %s (train.checkpointer.max_to_keep)", oldest)
+            self.checkpointer.delete_checkpoint(oldest)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Save a checkpoint outside the schedule."""
@@ -258,7 +286,8 @@ class EvalHook(HookBase):
     def _do_eval(self, iteration: int) -> None:
         model = getattr(self.trainer, "model", None)
         was_training = model.training if model is not None else None
-        results = self._func()
+        with preserve_rng_state():  # training's random streams do not see the evaluation
+            results = self._func()
         if model is not None:
             model.train(was_training)
 

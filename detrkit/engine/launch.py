@@ -12,6 +12,8 @@
 
 When a spawned process fails, the others are terminated and `launch` raises `LaunchError`
 naming the rank; the failing rank's traceback is in its log file (`log.txt.rankN`) and on stderr.
+When the ranks stop together on a signal (`preemption.py`), `launch` raises `TrainingPreempted`;
+a stop signal sent to the parent of spawned processes is passed on to them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import datetime
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -35,6 +39,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detrkit.utils import comm
+
+from .preemption import STOP_SIGNALS, TrainingPreempted
 
 __all__ = ["DEFAULT_TIMEOUT", "LaunchError", "check_launch_args", "launch", "resolve_backend"]
 
@@ -185,7 +191,7 @@ def launch(
     # cause) can be told from the ranks that then lost their peer
     with tempfile.TemporaryDirectory(prefix="detrkit-launch-") as failure_dir:
         try:
-            mp.start_processes(
+            context = mp.start_processes(
                 _spawned_worker,
                 nprocs=num_gpus_per_machine,
                 args=(
@@ -201,8 +207,11 @@ def launch(
                 ),
                 daemon=False,
                 start_method="spawn",
-                join=True,
+                join=False,
             )
+            with _forwarding_stop_signals(context.processes):
+                while not context.join():
+                    pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             rank = machine_rank * num_gpus_per_machine + e.error_index
             if isinstance(e, mp.ProcessExitedException):
@@ -215,13 +224,45 @@ def launch(
                 rank, what = first[0], f"failed: {first[1]}"
             message = f"rank {rank} {what}; the other processes were stopped"
             raise LaunchError(message, rank=rank) from None
+        preempted = _preemption_note(failure_dir)
+        if preempted is not None:
+            raise TrainingPreempted(preempted)
+
+
+@contextlib.contextmanager
+def _forwarding_stop_signals(processes: list) -> Any:
+    """While the ranks run, a stop signal sent to this (parent) process is passed on to them,
+    so that they save and stop together instead of being orphaned."""
+
+    def forward(signum: int, frame: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _preemption_note(failure_dir: str) -> str | None:
+    """The message a rank left when it stopped on a signal (all ranks stop together)."""
+    path = os.path.join(failure_dir, "preempted")
+    with contextlib.suppress(OSError), open(path) as f:
+        return f.read()
+    return None
 
 
 def _first_failure(failure_dir: str) -> tuple[int, str] | None:
     """(rank, error line) of the earliest note left by a failing worker, if any."""
     notes = []
     for name in os.listdir(failure_dir):
-        if name.endswith(".tmp"):
+        if name.endswith(".tmp") or not name.startswith("rank"):
             continue
         with contextlib.suppress(OSError, ValueError), open(os.path.join(failure_dir, name)) as f:
             when, rank, error = f.read().split("\n", 2)
@@ -232,9 +273,25 @@ def _first_failure(failure_dir: str) -> tuple[int, str] | None:
     return rank, error
 
 
+# gloo's words for a peer whose process died (its sockets were closed or reset)
+_LOST_PEER = re.compile(
+    r"(?:Read error|Write error|Connection closed by peer|Connection reset by peer)"
+    r".*?\[([^\]]+)\]:\d+(?:: (Connection reset by peer|[^.]*))?"
+)
+
+
 def _last_error_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+    if not lines:
+        return "unknown error"
+    lost = _LOST_PEER.search(lines[-1])
+    if lost is not None:
+        cause = lost.group(2) or "connection closed"
+        return (
+            f"lost the connection to the process at {lost.group(1)} ({cause}): a process of the "
+            "job (on that machine) died or became unreachable; see its log"
+        )
+    return lines[-1]
 
 
 def _spawned_worker(
@@ -262,6 +319,15 @@ def _spawned_worker(
         _limit_cpu_threads(backend, num_gpus_per_machine)
         comm.synchronize()
         main_func(*args)
+    except TrainingPreempted as e:
+        # every rank stopped after the same iteration; the parent reports it
+        _shutdown()
+        if failure_dir is not None and global_rank == 0:
+            note = os.path.join(failure_dir, "preempted")
+            with open(note + ".tmp", "w") as f:
+                f.write(e.message)
+            os.replace(note + ".tmp", note)
+        return
     except Exception:
         _report_failure(global_rank, failure_dir)
         raise
@@ -325,6 +391,9 @@ def _run_from_env(
         _limit_cpu_threads(backend, keys.count(str(machine_key)))
         comm.synchronize()
         main_func(*args)
+    except TrainingPreempted:
+        _shutdown()
+        raise
     except Exception:
         _report_failure(rank)
         raise

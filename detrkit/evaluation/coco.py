@@ -33,6 +33,7 @@ from detrkit.data.coco import convert_to_coco_json, load_coco_api
 from detrkit.data.detection_utils import ImageLoadError, read_image
 from detrkit.structures import BoxMode
 from detrkit.utils.comm import gather, get_world_size, is_main_process, synchronize
+from detrkit.utils.file_io import atomic_write
 from detrkit.utils.visualizer import draw_predictions_and_ground_truth
 
 from .inference import DatasetEvaluator
@@ -418,8 +419,8 @@ class COCOEvaluator(DatasetEvaluator):
         if self._output_dir:
             _path_manager.mkdirs(self._output_dir)
             path = os.path.join(self._output_dir, "instances_predictions.pth")
-            with _path_manager.open(path, "wb") as f:
-                torch.save(predictions, f)
+            # atomic: an evaluation killed here leaves the previous file, never a partial one
+            atomic_write(path, lambda f: torch.save(predictions, f))
 
         if not predictions:
             logger.warning(
@@ -484,9 +485,7 @@ class COCOEvaluator(DatasetEvaluator):
         if self._output_dir:
             path = os.path.join(self._output_dir, "coco_instances_results.json")
             logger.info("Saving results to %s", path)
-            with _path_manager.open(path, "w") as f:
-                f.write(json.dumps(coco_results))
-                f.flush()
+            atomic_write(path, lambda f: f.write(json.dumps(coco_results).encode("utf-8")))
 
         known_images = set(coco_gt.getImgIds())
         unknown = {r["image_id"] for r in coco_results} - known_images

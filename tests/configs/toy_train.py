@@ -27,6 +27,7 @@ model = L(ToyModel)(
     raise_on_rank=-1,
     sleep_per_iter=0.0,
     dump_params_dir="",
+    rng_noise=0.0,
 )
 
 dataloader = dict(

@@ -5,7 +5,8 @@
   exception on a given rank, a sleep per iteration (so a run can be killed mid-way), and
   dumping its parameters at evaluation (to compare ranks).
 - `ToyLoader`: an infinite, deterministic loader of random batches (lists of dicts), drawn
-  from `seed + 1000 * rank` so that ranks see different data.
+  from `seed + 1000 * rank` so that ranks see different data; it saves and restores its position
+  like the detection train loader (`state_dict` / `load_state_dict`).
 - `ToyTestLoader`: a finite test set, split between ranks.
 - `ToyEvaluator`: reset/process/evaluate, returning `{"toy": {"mse": ..., "mae": ...}}`.
 """
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -48,6 +51,7 @@ class ToyModel(nn.Module):
         raise_on_rank: int = -1,
         sleep_per_iter: float = 0.0,
         dump_params_dir: str = "",
+        rng_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(
@@ -60,6 +64,8 @@ class ToyModel(nn.Module):
         self.raise_on_rank = raise_on_rank
         self.sleep_per_iter = sleep_per_iter
         self.dump_params_dir = dump_params_dir
+        # input noise drawn from torch's, numpy's and python's global generators in training
+        self.rng_noise = rng_noise
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +73,9 @@ class ToyModel(nn.Module):
 
     def forward(self, batch: list[dict]):
         x = torch.stack([d["x"] for d in batch]).to(self.device)
+        if self.training and self.rng_noise:
+            shift = float(np.random.randn()) + random.random()
+            x = x + self.rng_noise * (torch.randn_like(x) + shift)
         pred = self.net(x)
         if not self.training:
             if self.dump_params_dir:
@@ -114,6 +123,13 @@ class ToyLoader:
         self.num_batches = num_batches
         self.seed = seed
         self.simulate_world_size = simulate_world_size
+        self._position = 0  # batches handed out
+
+    def state_dict(self) -> dict:
+        return {"position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position = int(state["position"])
 
     def _batches_of_rank(self, rank: int) -> list[list[dict]]:
         weight = _true_weight(self.in_dim, self.out_dim, self.seed)
@@ -129,7 +145,13 @@ class ToyLoader:
             ]
         else:
             batches = self._batches_of_rank(comm.get_rank())
-        return itertools.cycle(batches)
+        return self._stream(batches)
+
+    def _stream(self, batches: list[list[dict]]):
+        while True:
+            batch = batches[self._position % len(batches)]
+            self._position += 1
+            yield batch
 
 
 class ToyTestLoader:

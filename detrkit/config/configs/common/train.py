@@ -20,4 +20,7 @@ train = dict(
     gather_metric_period=1,  # detrkit: losses reduced and checked every this many steps
     model_ema=dict(enabled=False, decay=0.999, device="", use_ema_weights_for_eval_only=False),
     device="cuda",
+    # on SIGTERM/SIGINT/SIGUSR1 training saves and exits with code 75; under SLURM this also
+    # runs `scontrol requeue $SLURM_JOB_ID` (the requeued job should pass --resume)
+    requeue_on_preempt=False,
 )
