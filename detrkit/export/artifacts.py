@@ -1,0 +1,138 @@
+"""Export an `ExportableDetector` as a torch.export program, an ONNX file or an AOTInductor
+package, and run each artifact back.
+
+File names inside an output folder: `model.pt2` (torch.export ExportedProgram),
+`model.onnx` (ONNX, weights inside, opset `ONNX_OPSET`), `model_aoti.pt2` (AOTInductor package).
+onnx / onnxruntime / onnxscript are imported only by the ONNX functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .onnx_ms_deform_attn import ONNX_ATTENTION_FORMS, ONNX_OPSET, onnx_translation_table
+from .wrapper import ExportableDetector
+
+__all__ = [
+    "ARTIFACT_FILES",
+    "EXPORT_FORMATS",
+    "artifact_path",
+    "check_onnx",
+    "compile_aoti",
+    "dynamic_shapes",
+    "export_onnx",
+    "export_program",
+    "load_runner",
+]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("onnx", "torch_export", "aoti")
+ARTIFACT_FILES = {"onnx": "model.onnx", "torch_export": "model.pt2", "aoti": "model_aoti.pt2"}
+
+# A (N, 3, H, W) -> detections function; numpy in, numpy out, whatever runs it.
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def dynamic_shapes(dynamic: bool) -> dict | None:
+    """torch.export's dynamic_shapes for the `images` input: batch, height and width, or none.
+
+    Dim.DYNAMIC lets torch.export narrow a range where the model needs it (the valid range is
+    then in the program's range_constraints) and fails where the model fixes a size."""
+    if not dynamic:
+        return None
+    dim = torch.export.Dim.DYNAMIC
+    return {"images": {0: dim, 2: dim, 3: dim}}
+
+
+def export_program(
+    detector: ExportableDetector, sample: Tensor, dynamic: bool = False
+) -> torch.export.ExportedProgram:
+    """torch.export of `detector` traced on `sample` ((N, 3, H, W) uint8), the `detrkit::`
+    deformable attention op staying one node of the graph.
+
+    With `dynamic`, a batch of one is traced as two copies: torch.export fixes any size that
+    is 1 in the sample."""
+    if dynamic and sample.shape[0] == 1:
+        sample = sample.expand(2, -1, -1, -1).contiguous()
+    detector.eval()
+    with torch.no_grad():
+        return torch.export.export(detector, (sample,), dynamic_shapes=dynamic_shapes(dynamic))
+
+
+def export_onnx(program: torch.export.ExportedProgram, path: str, attention: str = "gather") -> str:
+    """Translate a program from `export_program` to ONNX at `path` (weights inside the file),
+    the deformable attention written in standard ONNX ops in the `attention` form."""
+    if attention not in ONNX_ATTENTION_FORMS:
+        raise ValueError(
+            f"ONNX attention form {attention!r} is not one of {list(ONNX_ATTENTION_FORMS)}"
+        )
+    # the exporter prints its progress; keep it for the debug log
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=list(ExportableDetector.input_names),
+            output_names=list(ExportableDetector.output_names),
+            custom_translation_table=onnx_translation_table(attention),
+        )
+        onnx_program.save(path, external_data=False)
+    logger.debug("torch.onnx.export:\n%s", log.getvalue())
+    return path
+
+
+def check_onnx(path: str) -> None:
+    """onnx.checker on the file (full check, with shape inference)."""
+    import onnx
+
+    onnx.checker.check_model(path, full_check=True)
+
+
+def compile_aoti(program: torch.export.ExportedProgram, path: str) -> str:
+    """AOTInductor package of `program` for the program's device at `path`.
+
+    The generated library computes everything but `detrkit::ms_deform_attn_forward`, which it
+    calls through the PyTorch dispatcher: the loading process must have the op registered
+    (`import detrkit` in Python; in C++, load detrkit's `_C` library, see docs/deploy.md)."""
+    return torch._inductor.aoti_compile_and_package(program, package_path=path)
+
+
+def load_runner(fmt: str, path: str, num_threads: int | None = None) -> Runner:
+    """A function running the artifact `path` of format `fmt` on a uint8 (N, 3, H, W) array."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return lambda images: tuple(session.run(None, {"images": images}))
+    if fmt == "torch_export":
+        module = torch.export.load(path).module()
+    elif fmt == "aoti":
+        module = torch._inductor.aoti_load_package(path)
+    else:
+        raise ValueError(f"export format {fmt!r} is not one of {list(EXPORT_FORMATS)}")
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            outputs = module(torch.from_numpy(images))
+        return tuple(t.numpy() for t in outputs)
+
+    return run
+
+
+def artifact_path(output_dir: str, fmt: str) -> str:
+    """Where `fmt`'s artifact goes in `output_dir`."""
+    return os.path.join(output_dir, ARTIFACT_FILES[fmt])
