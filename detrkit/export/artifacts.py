@@ -45,12 +45,13 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 def dynamic_shapes(dynamic: bool) -> dict | None:
     """torch.export's dynamic_shapes for the `images` input: batch, height and width, or none.
 
-    Dim.DYNAMIC lets torch.export narrow a range where the model needs it (the valid range is
-    then in the program's range_constraints) and fails where the model fixes a size."""
+    Height and width are Dim.DYNAMIC: torch.export narrows their range where the model needs it
+    (see `dynamic_ranges`) and fails where the model fixes a size. The batch may be 1 although
+    it is traced with 2 (a traced size of 1 would be fixed)."""
     if not dynamic:
         return None
     dim = torch.export.Dim.DYNAMIC
-    return {"images": {0: dim, 2: dim, 3: dim}}
+    return {"images": {0: torch.export.Dim("batch", min=1), 2: dim, 3: dim}}
 
 
 def export_program(
@@ -86,6 +87,9 @@ def export_onnx(program: torch.export.ExportedProgram, path: str, attention: str
             input_names=list(ExportableDetector.input_names),
             output_names=list(ExportableDetector.output_names),
             custom_translation_table=onnx_translation_table(attention),
+            # onnxscript 0.7's graph optimizer (common-subexpression elimination) leaves a
+            # dangling input in the two-stage graph; onnxruntime optimizes at load time anyway
+            optimize=False,
         )
         onnx_program.save(path, external_data=False)
     logger.debug("torch.onnx.export:\n%s", log.getvalue())
