@@ -174,12 +174,12 @@ def pytorch_detections(model: torch.nn.Module, images: torch.Tensor) -> tuple:
     return np.stack(boxes), np.stack(scores), np.stack(labels)
 
 
-def verify(model, fmt: str, path: str, batches: list[torch.Tensor]) -> bool:
-    runner = load_runner(fmt, path)
+def verify(model, fmt: str, path: str, batches: list[torch.Tensor], device: str) -> bool:
+    runner = load_runner(fmt, path, device=device)
     ok = True
     for images in batches:
-        reference = pytorch_detections(model, images)
-        exported = runner(images.cpu().numpy())
+        reference = pytorch_detections(model, images.to(device))
+        exported = runner(images.numpy())
         diff = compare_detections(reference, exported)
         passed = diff.ok()
         ok &= passed
@@ -188,6 +188,18 @@ def verify(model, fmt: str, path: str, batches: list[torch.Tensor]) -> bool:
             f"{'OK' if passed else 'FAILED (tolerance: scores 1e-4, boxes 1e-2 px, labels equal)'}"
         )
     return ok
+
+
+def dynamic_ranges(program: torch.export.ExportedProgram) -> str:
+    """'batch: [1, inf], height: [65, inf], ...' from the program's range constraints."""
+    images = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "images")
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    parts = []
+    for name, size in zip(("batch", "channels", "height", "width"), images.meta["val"].shape):
+        if str(size) in ranges:
+            low, high = ranges[str(size)].lower, ranges[str(size)].upper
+            parts.append(f"{name}: [{low}, {'inf' if high > 2**62 else high}]")
+    return ", ".join(parts)
 
 
 def export(args: argparse.Namespace) -> int:
@@ -200,11 +212,8 @@ def export(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     program = export_program(detector, sample.to(args.device), dynamic=args.dynamic)
-    if args.dynamic and program.range_constraints:
-        ranges = ", ".join(
-            f"{k}: [{v.lower}, {v.upper}]" for k, v in program.range_constraints.items()
-        )
-        print(f"dynamic sizes and their valid ranges: {ranges}")
+    if args.dynamic:
+        print(f"dynamic sizes and their valid ranges: {dynamic_ranges(program)}")
     if args.format == "torch_export":
         torch.export.save(program, path)
     elif args.format == "onnx":
@@ -217,11 +226,10 @@ def export(args: argparse.Namespace) -> int:
         f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) in "
         f"{time.perf_counter() - start:.1f} s"
     )
-    if args.verify and not verify(
-        model, args.format, path, verification_batches(sample, args.dynamic)
-    ):
-        return 1
-    return 0
+    if not args.verify:
+        return 0
+    batches = verification_batches(sample, args.dynamic)
+    return 0 if verify(model, args.format, path, batches, args.device) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,12 +108,14 @@ def compile_aoti(program: torch.export.ExportedProgram, path: str) -> str:
 
     The generated library computes everything but `detrkit::ms_deform_attn_forward`, which it
     calls through the PyTorch dispatcher: the loading process must have the op registered
-    (`import detrkit` in Python; in C++, load detrkit's `_C` library, see docs/deploy.md)."""
+    (`import detrkit.layers` in Python; in C++, load detrkit's `_C` library, see docs/deploy.md)."""
     return torch._inductor.aoti_compile_and_package(program, package_path=path)
 
 
-def load_runner(fmt: str, path: str, num_threads: int | None = None) -> Runner:
-    """A function running the artifact `path` of format `fmt` on a uint8 (N, 3, H, W) array."""
+def load_runner(fmt: str, path: str, num_threads: int | None = None, device: str = "cpu") -> Runner:
+    """A function running the artifact `path` of format `fmt` on a uint8 (N, 3, H, W) array.
+    onnx runs on onnxruntime's CPU provider with `num_threads` (default: its own choice); the
+    torch artifacts run on `device`, the one they were exported for."""
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -131,8 +133,8 @@ def load_runner(fmt: str, path: str, num_threads: int | None = None) -> Runner:
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.no_grad():
-            outputs = module(torch.from_numpy(images))
-        return tuple(t.numpy() for t in outputs)
+            outputs = module(torch.from_numpy(images).to(device))
+        return tuple(t.cpu().numpy() for t in outputs)
 
     return run
 
