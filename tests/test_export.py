@@ -287,7 +287,8 @@ def test_compare_detections_tolerates_tie_swaps_only():
     moved = (boxes + np.float32(0.05), scores, labels)
     assert not compare_detections((boxes, scores, labels), moved).ok()
     rescored = (boxes, scores + np.float32(1e-3), labels)
-    assert compare_detections((boxes, scores, labels), rescored).max_score == pytest.approx(1e-3, rel=1e-4)
+    diff = compare_detections((boxes, scores, labels), rescored)
+    assert diff.max_score == pytest.approx(1e-3, rel=1e-4) and not diff.ok()
 
 
 # --------------------------------------------------------------------- the command line
