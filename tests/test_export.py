@@ -269,6 +269,27 @@ def test_aoti_package_runs_from_cpp(aoti_package, tmp_path):
     assert_same_detections(eager_detections(model, images), cpp_out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
+def test_r50_configs_export_to_onnx_and_torch_export(variant, tmp_path):
+    """The ResNet-50 COCO configs (random weights, 300 detections) at small input sizes."""
+    from test_deformable_detr import load_config
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = instantiate(load_config(variant).model).eval()
+    program = export_program(ExportableDetector(model), random_images(2, 256, 320), dynamic=True)
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    runners = [
+        load_runner("torch_export", str(tmp_path / "model.pt2")),
+        load_runner("onnx", export_onnx(program, str(tmp_path / "model.onnx"))),
+    ]
+    for size in [(1, 224, 288), (2, 288, 352)]:
+        images = random_images(*size)
+        reference = eager_detections(model, images)
+        for run in runners:
+            assert_same_detections(reference, run(images.numpy()))
+
+
 # --------------------------------------------------------------------- detection matching
 
 
