@@ -37,6 +37,7 @@ from detrkit.checkpoint import CheckpointError, CheckpointNotFoundError, Detecti
 from detrkit.config import ConfigError, LazyConfig, instantiate
 from detrkit.data.detection_utils import ImageLoadError, read_image
 from detrkit.export import (
+    DEFAULT_ONNX_ATTENTION,
     EXPORT_FORMATS,
     ONNX_ATTENTION_FORMS,
     ExportableDetector,
@@ -89,9 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--onnx-attention",
         choices=ONNX_ATTENTION_FORMS,
-        default="gather",
-        help="ONNX form of the deformable attention (default gather: faster on onnxruntime CPU, "
-        "and portable)",
+        default=DEFAULT_ONNX_ATTENTION,
+        help="ONNX form of the deformable attention: gather (Gather + MatMul only, runs on any "
+        "runtime) or grid_sample (GridSample per level); default %(default)s, the faster on "
+        "onnxruntime CPU",
     )
     parser.add_argument(
         "--random-weights",

@@ -14,13 +14,19 @@ from .artifacts import (
     export_program,
     load_runner,
 )
-from .onnx_ms_deform_attn import ONNX_ATTENTION_FORMS, ONNX_OPSET, onnx_translation_table
+from .onnx_ms_deform_attn import (
+    DEFAULT_ONNX_ATTENTION,
+    ONNX_ATTENTION_FORMS,
+    ONNX_OPSET,
+    onnx_translation_table,
+)
 from .verify import BOX_TOLERANCE, SCORE_TOLERANCE, DetectionDifference, compare_detections
 from .wrapper import ExportableDetector
 
 __all__ = [
     "ARTIFACT_FILES",
     "BOX_TOLERANCE",
+    "DEFAULT_ONNX_ATTENTION",
     "EXPORT_FORMATS",
     "ONNX_ATTENTION_FORMS",
     "ONNX_OPSET",

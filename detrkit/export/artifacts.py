@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .onnx_ms_deform_attn import ONNX_ATTENTION_FORMS, ONNX_OPSET, onnx_translation_table
+from .onnx_ms_deform_attn import (
+    DEFAULT_ONNX_ATTENTION,
+    ONNX_ATTENTION_FORMS,
+    ONNX_OPSET,
+    onnx_translation_table,
+)
 from .wrapper import ExportableDetector
 
 __all__ = [
@@ -69,7 +74,9 @@ def export_program(
         return torch.export.export(detector, (sample,), dynamic_shapes=dynamic_shapes(dynamic))
 
 
-def export_onnx(program: torch.export.ExportedProgram, path: str, attention: str = "gather") -> str:
+def export_onnx(
+    program: torch.export.ExportedProgram, path: str, attention: str = DEFAULT_ONNX_ATTENTION
+) -> str:
     """Translate a program from `export_program` to ONNX at `path` (weights inside the file),
     the deformable attention written in standard ONNX ops in the `attention` form."""
     if attention not in ONNX_ATTENTION_FORMS:

@@ -24,10 +24,18 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["ONNX_ATTENTION_FORMS", "ONNX_OPSET", "onnx_translation_table"]
+__all__ = [
+    "DEFAULT_ONNX_ATTENTION",
+    "ONNX_ATTENTION_FORMS",
+    "ONNX_OPSET",
+    "onnx_translation_table",
+]
 
 ONNX_OPSET = 18  # the opset the translations are written in (GridSample is opset 16)
 ONNX_ATTENTION_FORMS = ("gather", "grid_sample")
+# the form tools/export_model.py uses unless told otherwise: the faster one on onnxruntime CPU
+# (benchmarks/export.py)
+DEFAULT_ONNX_ATTENTION = "gather"
 
 # onnx TensorProto data types
 _FLOAT = 1
@@ -161,7 +169,7 @@ def _grid_sample_form(
     return op.Transpose(output, perm=[0, 2, 1])  # (N, Lq, M * D)
 
 
-def onnx_translation_table(form: str = "gather") -> dict[Callable, Callable]:
+def onnx_translation_table(form: str = DEFAULT_ONNX_ATTENTION) -> dict[Callable, Callable]:
     """`custom_translation_table` for torch.onnx.export: the detrkit op in the given form."""
     if form not in ONNX_ATTENTION_FORMS:
         raise ValueError(
