@@ -127,6 +127,7 @@ def load_runner(fmt: str, path: str, num_threads: int | None = None, device: str
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: not its notes on nodes left unfolded
         if num_threads:
             options.intra_op_num_threads = num_threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
