@@ -45,6 +45,7 @@ from detrkit.export import (
     check_onnx,
     compare_detections,
     compile_aoti,
+    dynamic_ranges,
     export_onnx,
     export_program,
     load_runner,
@@ -190,18 +191,6 @@ def verify(model, fmt: str, path: str, batches: list[torch.Tensor], device: str)
             f"{'OK' if passed else 'FAILED (tolerance: scores 1e-4, boxes 1e-2 px, labels equal)'}"
         )
     return ok
-
-
-def dynamic_ranges(program: torch.export.ExportedProgram) -> str:
-    """'batch: [1, inf], height: [65, inf], ...' from the program's range constraints."""
-    images = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "images")
-    ranges = {str(k): v for k, v in program.range_constraints.items()}
-    parts = []
-    for name, size in zip(("batch", "channels", "height", "width"), images.meta["val"].shape):
-        if str(size) in ranges:
-            low, high = ranges[str(size)].lower, ranges[str(size)].upper
-            parts.append(f"{name}: [{low}, {'inf' if high > 2**62 else high}]")
-    return ", ".join(parts)
 
 
 def export(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "artifact_path",
     "check_onnx",
     "compile_aoti",
+    "dynamic_ranges",
     "dynamic_shapes",
     "export_onnx",
     "export_program",
@@ -50,9 +51,9 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 def dynamic_shapes(dynamic: bool) -> dict | None:
     """torch.export's dynamic_shapes for the `images` input: batch, height and width, or none.
 
-    Height and width are Dim.DYNAMIC: torch.export narrows their range where the model needs it
-    (see `dynamic_ranges`) and fails where the model fixes a size. The batch may be 1 although
-    it is traced with 2 (a traced size of 1 would be fixed)."""
+    Height and width are Dim.DYNAMIC: torch.export narrows their range where the model needs
+    it (`dynamic_ranges` reads the result) and fails where the model fixes a size. The batch
+    may be 1 although it is traced with 2 (a traced size of 1 would be fixed)."""
     if not dynamic:
         return None
     dim = torch.export.Dim.DYNAMIC
@@ -72,6 +73,18 @@ def export_program(
     detector.eval()
     with torch.no_grad():
         return torch.export.export(detector, (sample,), dynamic_shapes=dynamic_shapes(dynamic))
+
+
+def dynamic_ranges(program: torch.export.ExportedProgram) -> str:
+    """'batch: [1, inf], height: [65, inf], ...' from the program's range constraints."""
+    images = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "images")
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    parts = []
+    for name, size in zip(("batch", "channels", "height", "width"), images.meta["val"].shape):
+        if str(size) in ranges:
+            low, high = ranges[str(size)].lower, ranges[str(size)].upper
+            parts.append(f"{name}: [{low}, {'inf' if high > 2**62 else high}]")
+    return ", ".join(parts)
 
 
 def export_onnx(
