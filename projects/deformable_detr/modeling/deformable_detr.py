@@ -244,6 +244,30 @@ class DeformableDETR(nn.Module):
             processed.append({"instances": rescale_instances(result, height, width)})
         return processed
 
+    def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detections of a batch of equal-size images as plain tensors (the exported graph).
+
+        images: (N, 3, H, W) float RGB on the 0..255 scale, not normalized; no padding, so the
+        batched backbone computes each image exactly as it would alone. Returns boxes (N, K, 4)
+        xyxy in the pixels of `images`, scores (N, K) and labels (N, K) int64, K the config's
+        `select_box_nums_for_evaluation`, best first: the same detections as `forward` gives for
+        each image at this size (boxes clipped to the image).
+        """
+        images = (images - self.pixel_mean) / self.pixel_std
+        features = self.neck(self.backbone(images))
+        masks = [
+            f.new_zeros((f.shape[0], f.shape[2], f.shape[3]), dtype=torch.bool) for f in features
+        ]
+        output = self.predict(features, masks)
+        scores, labels, boxes = self.select_top_detections(
+            output["pred_logits"], output["pred_boxes"]
+        )
+        height, width = images.shape[-2:]
+        # torch.tensor (not new_tensor) keeps the sizes symbolic under torch.export
+        scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.minimum((boxes * scale).clamp(min=0), scale)  # clipped as forward clips
+        return boxes, scores, labels
+
     def predict(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> dict:
         """Transformer and heads: class logits and normalized cxcywh boxes of the last decoder
         layer, plus `aux_outputs` (earlier layers) and `enc_outputs` (two-stage proposals)."""
@@ -291,13 +315,14 @@ class DeformableDETR(nn.Module):
         valid_tokens = sum((~m).flatten(1).sum(1) for m in masks)
         return bool((valid_tokens < self.transformer.two_stage_num_proposals).any())
 
-    def inference(
+    def select_top_detections(
         self,
         logits: torch.Tensor,  # (N, Q, num_classes)
         boxes: torch.Tensor,  # (N, Q, 4) normalized cxcywh
-        image_sizes: list[tuple[int, int]],
-    ) -> list[Instances]:
-        """Top-k (query, class) pairs per image; boxes in the network-input pixels."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k best (query, class) pairs per image, k = select_box_nums_for_evaluation
+        (clamped to Q * num_classes): scores (N, k) sigmoid probabilities in decreasing order,
+        labels (N, k) int64 and boxes (N, k, 4) normalized xyxy."""
         batch, num_queries, num_classes = logits.shape
         k = min(self.select_box_nums_for_evaluation, num_queries * num_classes)
         prob = logits.sigmoid()
@@ -305,8 +330,16 @@ class DeformableDETR(nn.Module):
         query_index = torch.div(topk_index, num_classes, rounding_mode="floor")
         labels = topk_index % num_classes
         boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
-        boxes = box_cxcywh_to_xyxy(boxes)
+        return scores, labels, box_cxcywh_to_xyxy(boxes)
 
+    def inference(
+        self,
+        logits: torch.Tensor,  # (N, Q, num_classes)
+        boxes: torch.Tensor,  # (N, Q, 4) normalized cxcywh
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Instances]:
+        """Top-k (query, class) pairs per image; boxes in the network-input pixels."""
+        scores, labels, boxes = self.select_top_detections(logits, boxes)
         results = []
         for i, (height, width) in enumerate(image_sizes):
             scale = boxes.new_tensor([width, height, width, height])

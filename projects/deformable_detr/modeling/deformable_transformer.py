@@ -8,11 +8,19 @@ state dicts carry detrex key names; the forward methods spell out the official c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from detrkit.layers import FFN, MultiScaleDeformableAttention, inverse_sigmoid
+
+
+def _level_sizes(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list:
+    """(H, W) of every level as Python ints (symbolic sizes under torch.export)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes.tolist()
+    return list(spatial_shapes)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -100,15 +108,21 @@ class DeformableDetrTransformerEncoder(nn.Module):
 
     @staticmethod
     def get_reference_points(
-        spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor, device: torch.device
+        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+        valid_ratios: torch.Tensor,
+        device: torch.device,
     ) -> torch.Tensor:
         """Pixel centres of every level, normalized to the valid (unpadded) part of their own
-        level, then expressed in every level's coordinates: (N, S, L, 2) as (x, y)."""
+        level, then expressed in every level's coordinates: (N, S, L, 2) as (x, y).
+
+        spatial_shapes: (L, 2) int64 tensor or a list of (H, W) ints per level."""
         per_level = []
-        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+        for lvl, (height, width) in enumerate(_level_sizes(spatial_shapes)):
+            # arange + 0.5 equals the official linspace(0.5, size - 0.5, size) exactly, and
+            # unlike linspace it keeps the sizes symbolic under torch.export
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * height)
@@ -125,8 +139,13 @@ class DeformableDetrTransformerEncoder(nn.Module):
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,
         padding_mask: torch.Tensor,
+        level_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, x.device)
+        """level_sizes: spatial_shapes as Python ints, when the caller has them (torch.export
+        traces them as sizes, while the values of spatial_shapes are data it cannot read)."""
+        reference_points = self.get_reference_points(
+            spatial_shapes if level_sizes is None else level_sizes, valid_ratios, x.device
+        )
         for layer in self.layers:
             x = layer(x, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return x
@@ -346,7 +365,10 @@ class DeformableDetrTransformer(nn.Module):
         return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
     def gen_encoder_output_proposals(
-        self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+        self,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One proposal per encoder token: centre at the pixel, size 0.05 * 2**level of the valid
         image, in logit space. Padded tokens and proposals too near the border get +inf and their
@@ -354,13 +376,13 @@ class DeformableDetrTransformer(nn.Module):
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+        for lvl, (height, width) in enumerate(_level_sizes(spatial_shapes)):
             mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
             valid_height = torch.sum(~mask[:, :, 0], 1)
             valid_width = torch.sum(~mask[:, 0, :], 1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+            grid_y, grid_x = torch.meshgrid(  # arange: linspace(0, size - 1, size), export-safe
+                torch.arange(height, dtype=torch.float32, device=memory.device),
+                torch.arange(width, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
@@ -412,21 +434,28 @@ class DeformableDetrTransformer(nn.Module):
         feat_flatten = torch.cat(feat_flatten, 1)  # (N, S, C)
         mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
         pos_flatten = torch.cat(pos_flatten, 1)  # (N, S, C)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=feat_flatten.device)
+        # torch.tensor (not as_tensor) keeps the sizes symbolic under torch.export
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=feat_flatten.device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in multi_level_masks], 1)
 
         memory = self.encoder(
-            feat_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios, mask_flatten
+            feat_flatten,
+            pos_flatten,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            mask_flatten,
+            level_sizes=shapes,
         )
 
         batch, _, channels = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.as_two_stage:
             output_memory, output_proposals = self.gen_encoder_output_proposals(
-                memory, mask_flatten, spatial_shapes
+                memory, mask_flatten, shapes
             )
             num_layers = self.decoder.num_layers
             enc_outputs_class = self.decoder.class_embed[num_layers](output_memory)
