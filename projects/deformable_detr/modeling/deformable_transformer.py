@@ -8,11 +8,35 @@ state dicts carry detrex key names; the forward methods spell out the official c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from detrkit.layers import FFN, MultiScaleDeformableAttention, inverse_sigmoid
+
+
+def _shape_list(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list:
+    """(L, 2) sizes as a list of (H, W); a tensor is read back (a host sync on a GPU)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes.tolist()
+    return [(int(height), int(width)) for height, width in spatial_shapes]
+
+
+@dataclass
+class PyramidLayout:
+    """The flattened pyramid's geometry and positional inputs: a function of the padding masks
+    and the level embeddings alone, so images of one size and padding can share it."""
+
+    shapes: list[tuple[int, int]]  # (H_l, W_l) per level, as Python ints
+    spatial_shapes: torch.Tensor  # (L, 2) int64
+    level_start_index: torch.Tensor  # (L,) int64
+    valid_ratios: torch.Tensor  # (N, L, 2) valid fraction as (width, height)
+    mask_flatten: torch.Tensor  # (N, S) True on padding
+    pos_flatten: torch.Tensor  # (N, S, C) sine + level embedding
+    reference_points: torch.Tensor  # (N, S, L, 2) encoder reference points
+    padded: bool  # False only when known that no token is padded (attention then skips masking)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -51,7 +75,7 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: torch.Tensor,  # (N, S, L, 2)
         spatial_shapes: torch.Tensor,  # (L, 2)
         level_start_index: torch.Tensor,  # (L,)
-        padding_mask: torch.Tensor,  # (N, S), True on padding
+        padding_mask: torch.Tensor | None,  # (N, S), True on padding; None: no padding
     ) -> torch.Tensor:
         # the attention module returns x + dropout(attention(x + pos))
         x = self.attentions[0](
@@ -100,12 +124,17 @@ class DeformableDetrTransformerEncoder(nn.Module):
 
     @staticmethod
     def get_reference_points(
-        spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor, device: torch.device
+        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+        valid_ratios: torch.Tensor,
+        device: torch.device,
     ) -> torch.Tensor:
         """Pixel centres of every level, normalized to the valid (unpadded) part of their own
-        level, then expressed in every level's coordinates: (N, S, L, 2) as (x, y)."""
+        level, then expressed in every level's coordinates: (N, S, L, 2) as (x, y).
+
+        `spatial_shapes` as a list of (H, W) saves reading the sizes back from a device tensor.
+        """
         per_level = []
-        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+        for lvl, (height, width) in enumerate(_shape_list(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
                 torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
@@ -124,9 +153,13 @@ class DeformableDetrTransformerEncoder(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,
-        padding_mask: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        reference_points: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, x.device)
+        """x, pos: (N, S, C); `reference_points` (N, S, L, 2) when the caller has them already
+        (`PyramidLayout`), else computed here; `padding_mask` None when nothing is padded."""
+        if reference_points is None:
+            reference_points = self.get_reference_points(spatial_shapes, valid_ratios, x.device)
         for layer in self.layers:
             x = layer(x, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return x
@@ -190,7 +223,7 @@ class DeformableDecoderLayer(nn.Module):
         memory: torch.Tensor,  # (N, S, C)
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
-        memory_padding_mask: torch.Tensor,  # (N, S)
+        memory_padding_mask: torch.Tensor | None,  # (N, S); None: no padding
     ) -> torch.Tensor:
         query = self.norms[0](self.attentions[0](query, query_pos))
         query = self.attentions[1](
@@ -261,7 +294,7 @@ class DeformableDetrTransformerDecoder(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,  # (N, L, 2)
-        memory_padding_mask: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,  # (N, S); None: no padding
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (layers, N, Q, C) states and (layers, N, Q, 2 or 4) reference points, the
         references being the ones each layer's boxes are predicted relative to *after* it."""
@@ -346,15 +379,19 @@ class DeformableDetrTransformer(nn.Module):
         return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
     def gen_encoder_output_proposals(
-        self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+        self,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One proposal per encoder token: centre at the pixel, size 0.05 * 2**level of the valid
         image, in logit space. Padded tokens and proposals too near the border get +inf and their
-        memory is zeroed. Returns (N, S, C) projected memory and (N, S, 4) proposals."""
+        memory is zeroed. Returns (N, S, C) projected memory and (N, S, 4) proposals.
+        `spatial_shapes`: (L, 2) tensor or list of (H, W) (the list needs no read-back)."""
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+        for lvl, (height, width) in enumerate(_shape_list(spatial_shapes)):
             mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
             valid_height = torch.sum(~mask[:, :, 0], 1)
             valid_width = torch.sum(~mask[:, 0, :], 1)
@@ -392,41 +429,82 @@ class DeformableDetrTransformer(nn.Module):
         pos = torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
         return pos
 
+    def pyramid_layout(
+        self,
+        multi_level_masks: list[torch.Tensor],  # L x (N, H_l, W_l), True on padding
+        multi_level_pos_embeds: list[torch.Tensor],  # L x (N, C, H_l, W_l)
+        dtype: torch.dtype | None = None,
+        check_padding: bool = False,
+    ) -> PyramidLayout:
+        """Everything the encoder and decoder take that depends on the padding masks only (and
+        the level embeddings): see `PyramidLayout`. `dtype` casts the positional embedding (the
+        features' dtype under autocast, so the encoder adds it without a float32 round trip);
+        `check_padding` reads the masks once to learn whether anything is padded."""
+        shapes = [(m.shape[-2], m.shape[-1]) for m in multi_level_masks]
+        device = multi_level_masks[0].device
+        mask_flatten = torch.cat([m.flatten(1) for m in multi_level_masks], 1)  # (N, S)
+        pos_flatten = torch.cat(
+            [
+                pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1)
+                for lvl, pos in enumerate(multi_level_pos_embeds)
+            ],
+            1,
+        )  # (N, S, C)
+        if dtype is not None:
+            pos_flatten = pos_flatten.to(dtype)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        sizes = [height * width for height, width in shapes]
+        starts = [sum(sizes[:lvl]) for lvl in range(len(sizes))]
+        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in multi_level_masks], 1)
+        reference_points = DeformableDetrTransformerEncoder.get_reference_points(
+            shapes, valid_ratios, device
+        )
+        padded = bool(mask_flatten.any()) if check_padding else True
+        return PyramidLayout(
+            shapes,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            mask_flatten,
+            pos_flatten,
+            reference_points,
+            padded,
+        )
+
     def forward(
         self,
         multi_level_feats: list[torch.Tensor],  # L x (N, C, H_l, W_l)
         multi_level_masks: list[torch.Tensor],  # L x (N, H_l, W_l), True on padding
-        multi_level_pos_embeds: list[torch.Tensor],  # L x (N, C, H_l, W_l)
+        multi_level_pos_embeds: list[torch.Tensor] | None,  # L x (N, C, H_l, W_l)
         query_embed: torch.Tensor | None,  # (Q, 2C) learned queries, None in two-stage mode
+        layout: PyramidLayout | None = None,  # from `pyramid_layout`, when the caller has it
     ):
-        feat_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
-        for lvl, (feat, mask, pos) in enumerate(
-            zip(multi_level_feats, multi_level_masks, multi_level_pos_embeds)
-        ):
-            _, _, height, width = feat.shape
-            shapes.append((height, width))
-            feat_flatten.append(feat.flatten(2).transpose(1, 2))  # (N, H*W, C)
-            mask_flatten.append(mask.flatten(1))
-            pos = pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1)
-            pos_flatten.append(pos)
-        feat_flatten = torch.cat(feat_flatten, 1)  # (N, S, C)
-        mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
-        pos_flatten = torch.cat(pos_flatten, 1)  # (N, S, C)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=feat_flatten.device)
-        level_start_index = torch.cat(
-            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
-        )
-        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in multi_level_masks], 1)
+        if layout is None:
+            layout = self.pyramid_layout(multi_level_masks, multi_level_pos_embeds)
+        # (N, C, H, W) -> (N, H*W, C): a view when the map is channels_last
+        feat_flatten = torch.cat([f.flatten(2).transpose(1, 2) for f in multi_level_feats], 1)
+        spatial_shapes = layout.spatial_shapes
+        level_start_index = layout.level_start_index
+        valid_ratios = layout.valid_ratios
+        mask_flatten = layout.mask_flatten
+        attention_mask = mask_flatten if layout.padded else None
 
         memory = self.encoder(
-            feat_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios, mask_flatten
+            feat_flatten,
+            layout.pos_flatten,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            attention_mask,
+            layout.reference_points,
         )
 
         batch, _, channels = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.as_two_stage:
             output_memory, output_proposals = self.gen_encoder_output_proposals(
-                memory, mask_flatten, spatial_shapes
+                memory, mask_flatten, layout.shapes
             )
             num_layers = self.decoder.num_layers
             enc_outputs_class = self.decoder.class_embed[num_layers](output_memory)
@@ -464,6 +542,6 @@ class DeformableDetrTransformer(nn.Module):
             spatial_shapes,
             level_start_index,
             valid_ratios,
-            mask_flatten,
+            attention_mask,
         )
         return states, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
