@@ -114,6 +114,69 @@ class FFN(nn.Module):
         blocks.append(nn.Dropout(ffn_drop))
         self.layers = nn.Sequential(*blocks)
 
+    # eval on the CPU: each Linear as one oneDNN call with its bias and ReLU fused in (see
+    # `set_ffn_fusion`); saves the bias copy and the separate ReLU pass over the hidden features
+    fuse_inference: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., embed_dim) -> (..., output_dim); the branch output only (no residual)."""
+        if self._fuses(x):
+            return self._fused_forward(x)
         return self.layers(x)
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        return (
+            self.fuse_inference
+            and not self.training
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and _compute_dtype(x) in (torch.float32, torch.bfloat16)
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+            and _onednn_linear() is not None
+        )
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same computation as `self.layers` in eval (dropout is the identity there), in
+        the dtype autocast would use."""
+        linear_pointwise = _onednn_linear()
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        *hidden, last, _ = self.layers
+        for linear, activation, _ in hidden:
+            fused = "relu" if isinstance(activation, nn.ReLU) else "none"
+            x = linear_pointwise(x, linear.weight.to(dtype), linear.bias.to(dtype), fused, [], "")
+            if fused == "none":
+                x = activation(x)
+        return linear_pointwise(x, last.weight.to(dtype), last.bias.to(dtype), "none", [], "")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes `x` in: the CPU autocast dtype while autocast is on."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+_ONEDNN_LINEAR: list = []
+
+
+def _onednn_linear() -> Callable | None:
+    """oneDNN's fused linear (`mkldnn::_linear_pointwise`), or None in a build without it."""
+    if not _ONEDNN_LINEAR:
+        op = None
+        if torch.backends.mkldnn.is_available():
+            try:
+                op = torch.ops.mkldnn._linear_pointwise
+            except (AttributeError, RuntimeError):
+                op = None
+        _ONEDNN_LINEAR.append(op)
+    return _ONEDNN_LINEAR[0]
+
+
+def set_ffn_fusion(module: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the eval-time oneDNN fusion of every FFN in `module` on (default) or off (the plain
+    nn.Linear / activation computation); returns `module`."""
+    for m in module.modules():
+        if isinstance(m, FFN):
+            m.fuse_inference = bool(enabled)
+    return module

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detrkit.layers import MLP, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from detrkit.layers.mlp import set_ffn_fusion
 from detrkit.modeling import set_frozen_norm_folding
 from detrkit.structures import Boxes, ImageList, Instances
 
@@ -142,7 +143,8 @@ class DeformableDETR(nn.Module):
     def set_fast_inference(self, enabled: bool) -> DeformableDETR:
         """Turn the eval-time fast path on (the default) or off; returns the model.
 
-        On: FrozenBatchNorm2d folded into the convolutions before it, and the pyramid layout
+        On: FrozenBatchNorm2d folded into the convolutions before it, the FFNs' Linears run as
+        oneDNN calls with bias and ReLU fused in (CPU), and the pyramid layout
         (positional embeddings, valid ratios, reference points, `PyramidLayout`) computed once
         per feature size and padding mask and reused while neither they nor the level embeddings
         change; unpadded batches skip the attention's masking, and under autocast the positional
@@ -152,6 +154,7 @@ class DeformableDETR(nn.Module):
         self.fast_inference = bool(enabled)
         self._layout_cache = None
         set_frozen_norm_folding(self, self.fast_inference)
+        set_ffn_fusion(self, self.fast_inference)
         return self
 
     def train(self, mode: bool = True) -> DeformableDETR:
