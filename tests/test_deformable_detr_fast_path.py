@@ -92,14 +92,20 @@ def test_fast_path_detections_equal_plain(variant):
 def test_plain_path_folds_nothing_and_caches_nothing():
     model = tiny_model("multi_scale")
     inputs = images((64, 96))
+    channels_last = []
+    model.backbone.register_forward_pre_hook(
+        lambda _, args: channels_last.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)
+        )
+    )
     predictions(model, inputs, fast=False)
     assert model._layout_cache is None
     convs = [m for m in model.modules() if hasattr(m, "fold_frozen_norm")]
-    model.set_fast_inference(False)
     assert convs and all(not c.fold_frozen_norm and c._folded is None for c in convs)
     predictions(model, inputs, fast=True)
     assert model._layout_cache is not None
     assert any(c._folded is not None for c in convs)
+    assert channels_last == [False, True]
 
 
 def test_cache_is_keyed_on_the_padding_mask_not_only_the_size():

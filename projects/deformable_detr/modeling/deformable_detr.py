@@ -143,7 +143,8 @@ class DeformableDETR(nn.Module):
     def set_fast_inference(self, enabled: bool) -> DeformableDETR:
         """Turn the eval-time fast path on (the default) or off; returns the model.
 
-        On: FrozenBatchNorm2d folded into the convolutions before it, the FFNs' Linears run as
+        On: FrozenBatchNorm2d folded into the convolutions before it, backbone and neck in
+        channels-last memory format, the FFNs' Linears run as
         oneDNN calls with bias and ReLU fused in (CPU), and the pyramid layout
         (positional embeddings, valid ratios, reference points, `PyramidLayout`) computed once
         per feature size and padding mask and reused while neither they nor the level embeddings
@@ -160,6 +161,9 @@ class DeformableDETR(nn.Module):
     def train(self, mode: bool = True) -> DeformableDETR:
         self._layout_cache = None  # a training step may change the level embeddings in place
         return super().train(mode)
+
+    def _fast_eval(self) -> bool:
+        return self.fast_inference and not self.training
 
     def _pyramid_layout(
         self, features: list[torch.Tensor], masks: list[torch.Tensor]
@@ -259,8 +263,13 @@ class DeformableDETR(nn.Module):
         self, images: ImageList
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Feature maps of every level and their padding masks (True on padding)."""
+        # fast path: channels-last convolutions (oneDNN's faster layout on the CPU); the neck's
+        # maps then flatten to (N, H*W, C) tokens without a copy
+        memory_format = torch.channels_last if self._fast_eval() else torch.contiguous_format
         if self.training or not self.batch_invariant_eval or len(images) == 1:
-            features = self.neck(self.backbone(images.tensor))
+            features = self.neck(
+                self.backbone(images.tensor.contiguous(memory_format=memory_format))
+            )
             # official: nearest-neighbour resize of the image padding mask to each level
             masks = [
                 F.interpolate(images.mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0]
@@ -270,7 +279,10 @@ class DeformableDETR(nn.Module):
 
         # Batch-invariant eval: each image alone through backbone and neck (no padding can leak
         # into convolutions or GroupNorm statistics), then zero-padded into one batch per level.
-        per_image = [self.neck(self.backbone(images[i][None])) for i in range(len(images))]
+        per_image = [
+            self.neck(self.backbone(images[i][None].contiguous(memory_format=memory_format)))
+            for i in range(len(images))
+        ]
         features, masks = [], []
         for level in range(len(per_image[0])):
             maps = [p[level][0] for p in per_image]
