@@ -20,4 +20,5 @@ train = dict(
     gather_metric_period=1,  # detrkit: losses reduced and checked every this many steps
     model_ema=dict(enabled=False, decay=0.999, device="", use_ema_weights_for_eval_only=False),
     device="cuda",
+    compile=False,  # detrkit: torch.compile(dynamic=True) the model for training and evaluation
 )
