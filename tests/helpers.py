@@ -28,3 +28,15 @@ def capture_logs(name: str, level: int = logging.DEBUG):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def random_frozen_norm(channels: int):
+    """A FrozenBatchNorm2d with random affine parameters and statistics (variance in [0.1, 2])."""
+    from detrkit.modeling import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d(channels)
+    norm.weight.uniform_(0.5, 1.5)
+    norm.bias.normal_()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.1, 2.0)
+    return norm

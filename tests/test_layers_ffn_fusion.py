@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import detrkit.layers.mlp as mlp
+import detrkit.layers.onednn as onednn
 from detrkit.layers import FFN
-from detrkit.layers.mlp import _onednn_linear, set_ffn_fusion
+from detrkit.layers.mlp import set_ffn_fusion
+from detrkit.layers.onednn import onednn_op
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(_onednn_linear() is None, reason="torch built without oneDNN"),
+    pytest.mark.skipif(onednn_op("_linear_pointwise") is None, reason="torch built without oneDNN"),
 ]
 
 
@@ -46,13 +47,13 @@ def test_fused_ffn_equals_the_written_out_computation(kwargs, monkeypatch):
     ffn = random_ffn(**kwargs)
     x = torch.randn(2, 37, ffn.embed_dim)
     calls = []
-    op = _onednn_linear()
+    op = onednn_op("_linear_pointwise")
 
     def counting(*args):
         calls.append(args[3])
         return op(*args)
 
-    monkeypatch.setattr(mlp, "_ONEDNN_LINEAR", [counting])
+    monkeypatch.setitem(onednn._OPS, "_linear_pointwise", counting)
     with torch.no_grad():
         expected = written_out(ffn, x)
         fused = ffn(x)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import cpu_compute_dtype, onednn_fusion_available, onednn_op
+
 
 class MLP(nn.Module):
     """`num_layers` Linear layers with ReLU between them and none after the last.
@@ -128,18 +130,14 @@ class FFN(nn.Module):
         return (
             self.fuse_inference
             and not self.training
-            and not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and _compute_dtype(x) in (torch.float32, torch.bfloat16)
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
-            and _onednn_linear() is not None
+            and onednn_fusion_available(x, "_linear_pointwise")
         )
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same computation as `self.layers` in eval (dropout is the identity there), in
         the dtype autocast would use."""
-        linear_pointwise = _onednn_linear()
-        dtype = _compute_dtype(x)
+        linear_pointwise = onednn_op("_linear_pointwise")
+        dtype = cpu_compute_dtype(x)
         x = x.to(dtype)
         *hidden, last, _ = self.layers
         for linear, activation, _ in hidden:
@@ -148,29 +146,6 @@ class FFN(nn.Module):
             if fused == "none":
                 x = activation(x)
         return linear_pointwise(x, last.weight.to(dtype), last.bias.to(dtype), "none", [], "")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a Linear computes `x` in: the CPU autocast dtype while autocast is on."""
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype
-
-
-_ONEDNN_LINEAR: list = []
-
-
-def _onednn_linear() -> Callable | None:
-    """oneDNN's fused linear (`mkldnn::_linear_pointwise`), or None in a build without it."""
-    if not _ONEDNN_LINEAR:
-        op = None
-        if torch.backends.mkldnn.is_available():
-            try:
-                op = torch.ops.mkldnn._linear_pointwise
-            except (AttributeError, RuntimeError):
-                op = None
-        _ONEDNN_LINEAR.append(op)
-    return _ONEDNN_LINEAR[0]
 
 
 def set_ffn_fusion(module: nn.Module, enabled: bool) -> nn.Module:
