@@ -218,7 +218,7 @@ def main() -> None:
         f"image {height}x{width}, repeat {args.repeat} (median), warmup {args.warmup}"
     )
     header = f"{'variant':<17}{'dtype':<6}{'batch':>5} {'mode':<9}{'path':<10}"
-    header += "".join(f"{s:>10}" for s in (*STAGES, "other", "total")) + f"{'img/s':>8}  ratio"
+    header += "".join(f"{s:>12}" for s in (*STAGES, "other", "total")) + f"{'img/s':>8}  ratio"
     print(header)
     for variant in args.variants:
         for mode in args.modes:
@@ -238,7 +238,7 @@ def main() -> None:
                     for path, timed in results.items():
                         row = f"{variant:<17}{dtype:<6}{batch:>5} {mode:<9}{path:<10}"
                         row += "".join(
-                            f"{timed.get(s, 0.0):>10.3f}" for s in (*STAGES, "other", "total")
+                            f"{timed.get(s, 0.0):>12.3f}" for s in (*STAGES, "other", "total")
                         )
                         row += f"{batch / timed['total']:>8.2f}"
                         if path != "fast" and "fast" in results:
