@@ -289,6 +289,7 @@ class DeformableDETR(nn.Module):
             height = max(m.shape[-2] for m in maps)
             width = max(m.shape[-1] for m in maps)
             batch = maps[0].new_zeros((len(maps), maps[0].shape[0], height, width))
+            batch = batch.contiguous(memory_format=memory_format)  # the maps' layout
             mask = torch.ones((len(maps), height, width), dtype=torch.bool, device=batch.device)
             for i, m in enumerate(maps):
                 batch[i, :, : m.shape[-2], : m.shape[-1]] = m
