@@ -35,6 +35,7 @@ def random_ffn(**kwargs) -> FFN:
     return ffn
 
 
+@pytest.mark.parametrize("with_identity", [False, True])
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -43,23 +44,32 @@ def random_ffn(**kwargs) -> FFN:
         {"embed_dim": 8, "feedforward_dim": 24, "activation": nn.GELU},
     ],
 )
-def test_fused_ffn_equals_the_written_out_computation(kwargs, monkeypatch):
+def test_fused_ffn_equals_the_written_out_computation(kwargs, with_identity, monkeypatch):
     ffn = random_ffn(**kwargs)
     x = torch.randn(2, 37, ffn.embed_dim)
+    identity = torch.randn(2, 37, ffn.output_dim) if with_identity else None
     calls = []
     op = onednn_op("_linear_pointwise")
 
-    def counting(*args):
-        calls.append(args[3])
-        return op(*args)
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[3])
+            return op(*args)
 
-    monkeypatch.setitem(onednn._OPS, "_linear_pointwise", counting)
+        def binary(self, *args):
+            calls.append(f"binary {args[4]}")
+            return op.binary(*args)
+
+    monkeypatch.setitem(onednn._OPS, "_linear_pointwise", Counting())
     with torch.no_grad():
         expected = written_out(ffn, x)
-        fused = ffn(x)
+        if with_identity:
+            expected = expected + identity
+        fused = ffn(x, identity=identity)
     assert len(calls) == ffn.num_fcs  # every Linear went through the fused call
     relu = isinstance(ffn.layers[0][1], nn.ReLU)
-    assert calls[0] == ("relu" if relu else "none") and calls[-1] == "none"
+    assert calls[0] == ("relu" if relu else "none")
+    assert calls[-1] == ("binary add" if with_identity else "none")
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -67,9 +77,9 @@ def test_fused_ffn_under_bf16_autocast_matches_autocast_linears():
     ffn = random_ffn(embed_dim=32, feedforward_dim=64)
     x = torch.randn(3, 11, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = ffn(x)
-        expected = written_out(ffn, x)
-    assert fused.dtype == expected.dtype == torch.bfloat16
+        fused = ffn(x, identity=x)
+        expected = x + written_out(ffn, x)
+    assert fused.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=5e-2)
 
 
@@ -80,6 +90,7 @@ def test_training_grad_and_switched_off_run_the_modules():
     out.sum().backward()
     assert x.grad is not None
     assert torch.equal(out.detach(), ffn.layers(x).detach())
+    assert torch.equal(ffn(x, identity=x), x + ffn.layers(x))
     set_ffn_fusion(ffn, False)
     with torch.no_grad():
         assert torch.equal(ffn(x), ffn.layers(x))

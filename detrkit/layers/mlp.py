@@ -58,7 +58,7 @@ def _make_activation(activation: nn.Module | Callable[[], nn.Module] | None) -> 
 
 
 class FFN(nn.Module):
-    """The feed-forward branch of a transformer layer, WITHOUT the residual connection.
+    """The feed-forward branch of a transformer layer; the residual only when passed in.
 
     Structure (keys in brackets, for num_fcs=2):
 
@@ -69,7 +69,8 @@ class FFN(nn.Module):
         )
 
     Each extra fc (num_fcs > 2) adds another `Sequential(Linear(ff, ff), activation, Dropout)`
-    before the last Linear. The caller adds the residual and applies the norm.
+    before the last Linear. `forward(x, identity=x)` adds the residual (fused into the last
+    Linear on the fast path); the caller applies the norm.
 
     Args:
         embed_dim: input features.
@@ -120,11 +121,13 @@ class FFN(nn.Module):
     # `set_ffn_fusion`); saves the bias copy and the separate ReLU pass over the hidden features
     fuse_inference: bool = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., embed_dim) -> (..., output_dim); the branch output only (no residual)."""
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., embed_dim) -> (..., output_dim): the branch output, plus `identity` (the
+        residual, same shape as the output) when given."""
         if self._fuses(x):
-            return self._fused_forward(x)
-        return self.layers(x)
+            return self._fused_forward(x, identity)
+        out = self.layers(x)
+        return out if identity is None else identity + out
 
     def _fuses(self, x: torch.Tensor) -> bool:
         return (
@@ -133,9 +136,9 @@ class FFN(nn.Module):
             and onednn_fusion_available(x, "_linear_pointwise")
         )
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same computation as `self.layers` in eval (dropout is the identity there), in
-        the dtype autocast would use."""
+    def _fused_forward(self, x: torch.Tensor, identity: torch.Tensor | None) -> torch.Tensor:
+        """The same computation as `self.layers` (+ identity) in eval (dropout is the identity
+        there), in the dtype autocast would use; the residual sum in the last Linear's call."""
         linear_pointwise = onednn_op("_linear_pointwise")
         dtype = cpu_compute_dtype(x)
         x = x.to(dtype)
@@ -145,7 +148,10 @@ class FFN(nn.Module):
             x = linear_pointwise(x, linear.weight.to(dtype), linear.bias.to(dtype), fused, [], "")
             if fused == "none":
                 x = activation(x)
-        return linear_pointwise(x, last.weight.to(dtype), last.bias.to(dtype), "none", [], "")
+        weight, bias = last.weight.to(dtype), last.bias.to(dtype)
+        if identity is None:
+            return linear_pointwise(x, weight, bias, "none", [], "")
+        return linear_pointwise.binary(x, identity.to(dtype).contiguous(), weight, bias, "add")
 
 
 def set_ffn_fusion(module: nn.Module, enabled: bool) -> nn.Module:

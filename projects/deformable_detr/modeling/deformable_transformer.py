@@ -88,7 +88,7 @@ class DeformableEncoderLayer(nn.Module):
             level_start_index=level_start_index,
         )
         x = self.norms[0](x)
-        x = self.norms[1](x + self.ffns[0](x))
+        x = self.norms[1](self.ffns[0](x, identity=x))  # x + ffn(x)
         return x
 
 
@@ -236,7 +236,7 @@ class DeformableDecoderLayer(nn.Module):
             level_start_index=level_start_index,
         )
         query = self.norms[1](query)
-        query = self.norms[2](query + self.ffns[0](query))
+        query = self.norms[2](self.ffns[0](query, identity=query))  # query + ffn(query)
         return query
 
 
