@@ -12,11 +12,12 @@ import torch
 
 from detrkit.config import LazyCall as L
 from detrkit.config import LazyConfig, instantiate
-from detrkit.layers import ShapeSpec
+from detrkit.layers import FFN, ShapeSpec
 from projects.deformable_detr.modeling import (
     DeformableDetrTransformer,
     DeformableDetrTransformerEncoder,
 )
+from projects.deformable_detr.modeling.deformable_transformer import SelfAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,6 +103,9 @@ def test_plain_path_folds_nothing_and_caches_nothing():
     assert model._layout_cache is None
     convs = [m for m in model.modules() if hasattr(m, "fold_frozen_norm")]
     assert convs and all(not c.fold_frozen_norm and c._folded is None for c in convs)
+    switches = [m for m in model.modules() if isinstance(m, SelfAttention | FFN)]
+    assert switches and not any(getattr(m, "fast_inference", False) for m in switches)
+    assert not any(getattr(m, "fuse_inference", False) for m in switches)
     predictions(model, inputs, fast=True)
     assert model._layout_cache is not None
     assert any(c._folded is not None for c in convs)
@@ -216,3 +220,19 @@ def test_bf16_autocast_keeps_the_positional_embedding_in_bf16_and_stays_close():
     fp32 = predictions(model, inputs, fast=False)[0]
     # the scores of a random model lie close together: compare values, not ranks
     assert (bf16.scores.float() - fp32.scores).abs().max() < 0.02
+
+
+def test_batch_first_self_attention_equals_multihead_attention():
+    attention = SelfAttention(embed_dim=32, num_heads=4, attn_drop=0.1, proj_drop=0.1).eval()
+    with torch.no_grad():
+        attention.attn.in_proj_bias.normal_()
+        attention.attn.out_proj.bias.normal_()
+    query, query_pos = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    with torch.no_grad():
+        fast = attention(query, query_pos)
+        q = query + query_pos  # the oracle: torch's module, called as the plain path calls it
+        expected = query + attention.attn(q, q, query, need_weights=False)[0]
+        attention.fast_inference = False
+        plain = attention(query, query_pos)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain, expected)

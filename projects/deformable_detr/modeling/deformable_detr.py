@@ -23,7 +23,7 @@ from detrkit.layers.mlp import set_ffn_fusion
 from detrkit.modeling import set_frozen_norm_folding
 from detrkit.structures import Boxes, ImageList, Instances
 
-from .deformable_transformer import PyramidLayout
+from .deformable_transformer import PyramidLayout, SelfAttention
 
 
 class DeformableDETR(nn.Module):
@@ -144,18 +144,22 @@ class DeformableDETR(nn.Module):
         """Turn the eval-time fast path on (the default) or off; returns the model.
 
         On: FrozenBatchNorm2d folded into the convolutions before it, backbone and neck in
-        channels-last memory format, the FFNs' Linears run as
-        oneDNN calls with bias and ReLU fused in (CPU), and the pyramid layout
-        (positional embeddings, valid ratios, reference points, `PyramidLayout`) computed once
-        per feature size and padding mask and reused while neither they nor the level embeddings
-        change; unpadded batches skip the attention's masking, and under autocast the positional
-        embedding is kept in the features' dtype. Training never uses it. Off: the plain
+        channels-last memory format, oneDNN calls with the bias, ReLU and residual sum fused in
+        (ResNet blocks, FFNs; CPU), the decoder's self-attention projected batch-first, and the
+        pyramid layout (positional embeddings, valid ratios, reference points, `PyramidLayout`)
+        computed once per feature size and padding mask and reused while neither they nor the
+        level embeddings change; unpadded batches skip the attention's masking, and under
+        autocast the positional embedding is kept in the features' dtype. Training never uses
+        it. Off: the plain
         computation, bit for bit what the model computes without these rewrites.
         """
         self.fast_inference = bool(enabled)
         self._layout_cache = None
         set_frozen_norm_folding(self, self.fast_inference)
         set_ffn_fusion(self, self.fast_inference)
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fast_inference = self.fast_inference
         return self
 
     def train(self, mode: bool = True) -> DeformableDETR:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from detrkit.layers import FFN, MultiScaleDeformableAttention, inverse_sigmoid
 
@@ -171,6 +172,10 @@ class SelfAttention(nn.Module):
     Query and key get the positional embedding, the value does not; returns the residual sum.
     """
 
+    # eval without autograd: the same attention written with batch-first projections (see
+    # `_batch_first_attention`); DeformableDETR.set_fast_inference(False) turns it off
+    fast_inference: bool = True
+
     def __init__(self, embed_dim: int, num_heads: int, attn_drop: float, proj_drop: float) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=attn_drop, batch_first=True)
@@ -178,8 +183,29 @@ class SelfAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         q = k = query + query_pos
-        out = self.attn(q, k, query, need_weights=False)[0]
+        if self.fast_inference and not self.training and not torch.is_grad_enabled():
+            out = self._batch_first_attention(q, query)
+        else:
+            out = self.attn(q, k, query, need_weights=False)[0]
         return query + self.proj_drop(out)
+
+    def _batch_first_attention(self, qk: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """nn.MultiheadAttention's computation in eval (no dropout) on (N, Q, C) inputs kept
+        batch-first: the module's own path projects (Q, N, C) transposed views, which for
+        N > 1 under CPU autocast become batched matmuls over a weight copied Q times."""
+        attn = self.attn
+        batch, queries, channels = qk.shape
+        heads = attn.num_heads
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        q, k = F.linear(qk, weight[: 2 * channels], bias[: 2 * channels]).chunk(2, dim=-1)
+        v = F.linear(value, weight[2 * channels :], bias[2 * channels :])
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, Q, C) -> (N, heads, Q, C / heads)
+            return x.reshape(batch, queries, heads, channels // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v))
+        out = out.transpose(1, 2).reshape(batch, queries, channels)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
 
 class DeformableDecoderLayer(nn.Module):
