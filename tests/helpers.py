@@ -38,3 +38,15 @@ def load_script(path, module_name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def random_frozen_norm(channels: int):
+    """A FrozenBatchNorm2d with random affine parameters and statistics (variance in [0.1, 2])."""
+    from detrkit.modeling import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d(channels)
+    norm.weight.uniform_(0.5, 1.5)
+    norm.bias.normal_()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.1, 2.0)
+    return norm

@@ -29,7 +29,6 @@ import torch
 from detrkit.checkpoint.convert.common import ConversionError
 from detrkit.config import LazyConfig, instantiate
 from detrkit.data.builtin_meta import COCO_CATEGORY_IDS, COCO_THING_CLASSES
-from detrkit.modeling import set_frozen_norm_folding
 from projects.deformable_detr.convert.huggingface import (
     convert_huggingface,
     convert_state,
@@ -155,9 +154,10 @@ def build_ours(repo_root, variant: str, overrides=(), device=None) -> torch.nn.M
     else:
         with torch.device(device):
             model = instantiate(cfg.model)
-    # the oracle compares the computation to 1e-5: the unfused FrozenBN rounds as transformers'
-    # does (the eval-time folding is tested against it in test_modeling_frozen_norm_folding.py)
-    return set_frozen_norm_folding(model, False).eval()
+    # the oracle compares the computation to 1e-5: the plain path (unfused FrozenBN, no oneDNN
+    # fusions) rounds as transformers' does (the fast path is tested against the plain one in
+    # test_deformable_detr_fast_path.py)
+    return model.set_fast_inference(False).eval()
 
 
 def random_image(seed: int, height: int = 96, width: int = 128) -> torch.Tensor:

@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_frozen_norm
 
 from detrkit.modeling import BasicStem, Conv2d, FrozenBatchNorm2d, ResNet, set_frozen_norm_folding
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_frozen_norm(channels: int) -> FrozenBatchNorm2d:
-    norm = FrozenBatchNorm2d(channels)
-    norm.weight.uniform_(0.5, 1.5)
-    norm.bias.normal_()
-    norm.running_mean.normal_()
-    norm.running_var.uniform_(0.1, 2.0)
-    return norm
 
 
 def unfused(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,15 @@ def do_test(cfg, model, ema=None):
     return ret
 
 
+def maybe_compile(cfg, model):
+    """`train.compile=True`: torch.compile the model in place with dynamic shapes (image sizes
+    vary); in place, so the parameter names (checkpoints) stay those of the eager model."""
+    if cfg.train.get("compile", False):
+        logger.info("Compiling the model with torch.compile(dynamic=True)")
+        model.compile(dynamic=True)
+    return model
+
+
 def do_train(args, cfg):
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
@@ -89,7 +98,7 @@ def do_train(args, cfg):
     train_loader = instantiate(cfg.dataloader.train)
     check_dataset_classes(cfg, "train")
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = maybe_compile(cfg, create_ddp_model(model, **cfg.train.ddp))
     trainer = Trainer(
         model,
         train_loader,
@@ -165,7 +174,7 @@ def main(args):
                 )
             logger.info("Evaluating with the EMA weights of %s", cfg.train.init_checkpoint)
             ema.copy_to_model()
-        model = create_ddp_model(model)
+        model = maybe_compile(cfg, create_ddp_model(model))
         return do_test(cfg, model)
     do_train(args, cfg)
 

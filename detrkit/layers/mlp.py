@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import cpu_compute_dtype, onednn_fusion_available, onednn_op
+
 
 class MLP(nn.Module):
     """`num_layers` Linear layers with ReLU between them and none after the last.
@@ -56,7 +58,7 @@ def _make_activation(activation: nn.Module | Callable[[], nn.Module] | None) -> 
 
 
 class FFN(nn.Module):
-    """The feed-forward branch of a transformer layer, WITHOUT the residual connection.
+    """The feed-forward branch of a transformer layer; the residual only when passed in.
 
     Structure (keys in brackets, for num_fcs=2):
 
@@ -67,7 +69,8 @@ class FFN(nn.Module):
         )
 
     Each extra fc (num_fcs > 2) adds another `Sequential(Linear(ff, ff), activation, Dropout)`
-    before the last Linear. The caller adds the residual and applies the norm.
+    before the last Linear. `forward(x, identity=x)` adds the residual (fused into the last
+    Linear on the fast path); the caller applies the norm.
 
     Args:
         embed_dim: input features.
@@ -114,6 +117,47 @@ class FFN(nn.Module):
         blocks.append(nn.Dropout(ffn_drop))
         self.layers = nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., embed_dim) -> (..., output_dim); the branch output only (no residual)."""
-        return self.layers(x)
+    # eval on the CPU: each Linear as one oneDNN call with its bias and ReLU fused in (see
+    # `set_ffn_fusion`); saves the bias copy and the separate ReLU pass over the hidden features
+    fuse_inference: bool = True
+
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., embed_dim) -> (..., output_dim): the branch output, plus `identity` (the
+        residual, same shape as the output) when given."""
+        if self._fuses(x):
+            return self._fused_forward(x, identity)
+        out = self.layers(x)
+        return out if identity is None else identity + out
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        return (
+            self.fuse_inference
+            and not self.training
+            and onednn_fusion_available(x, "_linear_pointwise")
+        )
+
+    def _fused_forward(self, x: torch.Tensor, identity: torch.Tensor | None) -> torch.Tensor:
+        """The same computation as `self.layers` (+ identity) in eval (dropout is the identity
+        there), in the dtype autocast would use; the residual sum in the last Linear's call."""
+        linear_pointwise = onednn_op("_linear_pointwise")
+        dtype = cpu_compute_dtype(x)
+        x = x.to(dtype)
+        *hidden, last, _ = self.layers
+        for linear, activation, _ in hidden:
+            fused = "relu" if isinstance(activation, nn.ReLU) else "none"
+            x = linear_pointwise(x, linear.weight.to(dtype), linear.bias.to(dtype), fused, [], "")
+            if fused == "none":
+                x = activation(x)
+        weight, bias = last.weight.to(dtype), last.bias.to(dtype)
+        if identity is None:
+            return linear_pointwise(x, weight, bias, "none", [], "")
+        return linear_pointwise.binary(x, identity.to(dtype).contiguous(), weight, bias, "add")
+
+
+def set_ffn_fusion(module: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the eval-time oneDNN fusion of every FFN in `module` on (default) or off (the plain
+    nn.Linear / activation computation); returns `module`."""
+    for m in module.modules():
+        if isinstance(m, FFN):
+            m.fuse_inference = bool(enabled)
+    return module

@@ -19,7 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detrkit.layers import MLP, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from detrkit.layers.mlp import set_ffn_fusion
+from detrkit.modeling import set_frozen_norm_folding
 from detrkit.structures import Boxes, ImageList, Instances
+
+from .deformable_transformer import PyramidLayout, SelfAttention
 
 
 class DeformableDETR(nn.Module):
@@ -40,6 +44,7 @@ class DeformableDETR(nn.Module):
         as_two_stage: bool = False,
         select_box_nums_for_evaluation: int = 300,
         batch_invariant_eval: bool = True,
+        fast_inference: bool = True,
     ) -> None:
         """
         Args:
@@ -53,6 +58,8 @@ class DeformableDETR(nn.Module):
             batch_invariant_eval: in eval, run the backbone and neck image by image, so a
                 result never depends on which other images share the batch (padding would
                 otherwise leak into convolutions and GroupNorm statistics).
+            fast_inference: the eval-time fast path (see `set_fast_inference`); False runs the
+                plain computation.
 
         The caller places the model (`tools/train_net.py`: on `train.device`).
         """
@@ -80,6 +87,8 @@ class DeformableDETR(nn.Module):
         self.as_two_stage = as_two_stage
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.batch_invariant_eval = batch_invariant_eval
+        self._layout_cache: tuple[tuple, list[torch.Tensor], PyramidLayout] | None = None
+        self.set_fast_inference(fast_inference)
 
         if as_two_stage != transformer.as_two_stage:
             raise ValueError(
@@ -129,6 +138,76 @@ class DeformableDETR(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ fast path
+    def set_fast_inference(self, enabled: bool) -> DeformableDETR:
+        """Turn the eval-time fast path on (the default) or off; returns the model.
+
+        On: FrozenBatchNorm2d folded into the convolutions before it, backbone and neck in
+        channels-last memory format, oneDNN calls with the bias, ReLU and residual sum fused in
+        (ResNet blocks, FFNs; CPU), the decoder's self-attention projected batch-first, and the
+        pyramid layout (positional embeddings, valid ratios, reference points, `PyramidLayout`)
+        computed once per feature size and padding mask and reused while neither they nor the
+        level embeddings change; unpadded batches skip the attention's masking, and under
+        autocast the positional embedding is kept in the features' dtype. Training never uses
+        it. Off: the plain
+        computation, bit for bit what the model computes without these rewrites.
+        """
+        self.fast_inference = bool(enabled)
+        self._layout_cache = None
+        set_frozen_norm_folding(self, self.fast_inference)
+        set_ffn_fusion(self, self.fast_inference)
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fast_inference = self.fast_inference
+        return self
+
+    def train(self, mode: bool = True) -> DeformableDETR:
+        self._layout_cache = None  # a training step may change the level embeddings in place
+        return super().train(mode)
+
+    def _fast_eval(self) -> bool:
+        return self.fast_inference and not self.training
+
+    def _pyramid_layout(
+        self, features: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> PyramidLayout:
+        """The transformer's `PyramidLayout` for these masks: from the cache on the fast path."""
+        level_embeds = self.transformer.level_embeds
+        cacheable = (
+            self.fast_inference
+            and not self.training
+            and not (torch.is_grad_enabled() and level_embeds.requires_grad)
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        )
+        if not cacheable:
+            pos_embeds = [self.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
+            dtype = features[0].dtype if self.fast_inference and not self.training else None
+            return self.transformer.pyramid_layout(masks, pos_embeds, dtype)
+
+        # keyed on the sizes and dtype, the level embeddings (a new tensor or an in-place
+        # change), and the masks' values, compared below
+        key = (
+            tuple(tuple(m.shape) for m in masks),
+            features[0].dtype,
+            features[0].device,
+            level_embeds.data_ptr(),
+            level_embeds._version,
+            level_embeds.dtype,
+        )
+        cached = self._layout_cache
+        if (
+            cached is not None
+            and cached[0] == key
+            and all(torch.equal(a, b) for a, b in zip(cached[1], masks))
+        ):
+            return cached[2]
+        pos_embeds = [self.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
+        layout = self.transformer.pyramid_layout(
+            masks, pos_embeds, features[0].dtype, check_padding=True
+        )
+        self._layout_cache = (key, [m.clone() for m in masks], layout)
+        return layout
 
     # ------------------------------------------------------------------ inputs
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
@@ -188,8 +267,13 @@ class DeformableDETR(nn.Module):
         self, images: ImageList
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Feature maps of every level and their padding masks (True on padding)."""
+        # fast path: channels-last convolutions (oneDNN's faster layout on the CPU); the neck's
+        # maps then flatten to (N, H*W, C) tokens without a copy
+        memory_format = torch.channels_last if self._fast_eval() else torch.contiguous_format
         if self.training or not self.batch_invariant_eval or len(images) == 1:
-            features = self.neck(self.backbone(images.tensor))
+            features = self.neck(
+                self.backbone(images.tensor.contiguous(memory_format=memory_format))
+            )
             # official: nearest-neighbour resize of the image padding mask to each level
             masks = [
                 F.interpolate(images.mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0]
@@ -199,13 +283,17 @@ class DeformableDETR(nn.Module):
 
         # Batch-invariant eval: each image alone through backbone and neck (no padding can leak
         # into convolutions or GroupNorm statistics), then zero-padded into one batch per level.
-        per_image = [self.neck(self.backbone(images[i][None])) for i in range(len(images))]
+        per_image = [
+            self.neck(self.backbone(images[i][None].contiguous(memory_format=memory_format)))
+            for i in range(len(images))
+        ]
         features, masks = [], []
         for level in range(len(per_image[0])):
             maps = [p[level][0] for p in per_image]
             height = max(m.shape[-2] for m in maps)
             width = max(m.shape[-1] for m in maps)
             batch = maps[0].new_zeros((len(maps), maps[0].shape[0], height, width))
+            batch = batch.contiguous(memory_format=memory_format)  # the maps' layout
             mask = torch.ones((len(maps), height, width), dtype=torch.bool, device=batch.device)
             for i, m in enumerate(maps):
                 batch[i, :, : m.shape[-2], : m.shape[-1]] = m
@@ -271,10 +359,10 @@ class DeformableDETR(nn.Module):
     def predict(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> dict:
         """Transformer and heads: class logits and normalized cxcywh boxes of the last decoder
         layer, plus `aux_outputs` (earlier layers) and `enc_outputs` (two-stage proposals)."""
-        pos_embeds = [self.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
+        layout = self._pyramid_layout(features, masks)
         query_embed = None if self.as_two_stage else self.query_embedding.weight
         states, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            features, masks, pos_embeds, query_embed
+            features, masks, None, query_embed, layout
         )
 
         # predictions of every decoder layer, each relative to the reference it started from

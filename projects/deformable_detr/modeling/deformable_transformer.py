@@ -9,18 +9,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from detrkit.layers import FFN, MultiScaleDeformableAttention, inverse_sigmoid
 
 
-def _level_sizes(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list:
-    """(H, W) of every level as Python ints (symbolic sizes under torch.export)."""
+def _shape_list(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list:
+    """(L, 2) sizes as a list of (H, W); a tensor is read back (a host sync on a GPU). A list is
+    taken as it is, so sizes stay symbolic under torch.export."""
     if isinstance(spatial_shapes, torch.Tensor):
         return spatial_shapes.tolist()
     return list(spatial_shapes)
+
+
+@dataclass
+class PyramidLayout:
+    """The flattened pyramid's geometry and positional inputs: a function of the padding masks
+    and the level embeddings alone, so images of one size and padding can share it."""
+
+    shapes: list[tuple[int, int]]  # (H_l, W_l) per level, as Python ints
+    spatial_shapes: torch.Tensor  # (L, 2) int64
+    level_start_index: torch.Tensor  # (L,) int64
+    valid_ratios: torch.Tensor  # (N, L, 2) valid fraction as (width, height)
+    mask_flatten: torch.Tensor  # (N, S) True on padding
+    pos_flatten: torch.Tensor  # (N, S, C) sine + level embedding
+    reference_points: torch.Tensor  # (N, S, L, 2) encoder reference points
+    padded: bool  # False only when known that no token is padded (attention then skips masking)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -59,7 +77,7 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: torch.Tensor,  # (N, S, L, 2)
         spatial_shapes: torch.Tensor,  # (L, 2)
         level_start_index: torch.Tensor,  # (L,)
-        padding_mask: torch.Tensor,  # (N, S), True on padding
+        padding_mask: torch.Tensor | None,  # (N, S), True on padding; None: no padding
     ) -> torch.Tensor:
         # the attention module returns x + dropout(attention(x + pos))
         x = self.attentions[0](
@@ -72,7 +90,7 @@ class DeformableEncoderLayer(nn.Module):
             level_start_index=level_start_index,
         )
         x = self.norms[0](x)
-        x = self.norms[1](x + self.ffns[0](x))
+        x = self.norms[1](self.ffns[0](x, identity=x))  # x + ffn(x)
         return x
 
 
@@ -115,9 +133,11 @@ class DeformableDetrTransformerEncoder(nn.Module):
         """Pixel centres of every level, normalized to the valid (unpadded) part of their own
         level, then expressed in every level's coordinates: (N, S, L, 2) as (x, y).
 
-        spatial_shapes: (L, 2) int64 tensor or a list of (H, W) ints per level."""
+        `spatial_shapes` as a list of (H, W) saves reading the sizes back from a device tensor
+        (and keeps them symbolic under torch.export).
+        """
         per_level = []
-        for lvl, (height, width) in enumerate(_level_sizes(spatial_shapes)):
+        for lvl, (height, width) in enumerate(_shape_list(spatial_shapes)):
             # arange + 0.5 equals the official linspace(0.5, size - 0.5, size) exactly, and
             # unlike linspace it keeps the sizes symbolic under torch.export
             ref_y, ref_x = torch.meshgrid(
@@ -138,14 +158,13 @@ class DeformableDetrTransformerEncoder(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,
-        padding_mask: torch.Tensor,
-        level_sizes: Sequence[tuple[int, int]] | None = None,
+        padding_mask: torch.Tensor | None,
+        reference_points: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """level_sizes: spatial_shapes as Python ints, when the caller has them (torch.export
-        traces them as sizes, while the values of spatial_shapes are data it cannot read)."""
-        reference_points = self.get_reference_points(
-            spatial_shapes if level_sizes is None else level_sizes, valid_ratios, x.device
-        )
+        """x, pos: (N, S, C); `reference_points` (N, S, L, 2) when the caller has them already
+        (`PyramidLayout`), else computed here; `padding_mask` None when nothing is padded."""
+        if reference_points is None:
+            reference_points = self.get_reference_points(spatial_shapes, valid_ratios, x.device)
         for layer in self.layers:
             x = layer(x, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return x
@@ -157,6 +176,10 @@ class SelfAttention(nn.Module):
     Query and key get the positional embedding, the value does not; returns the residual sum.
     """
 
+    # eval without autograd: the same attention written with batch-first projections (see
+    # `_batch_first_attention`); DeformableDETR.set_fast_inference(False) turns it off
+    fast_inference: bool = True
+
     def __init__(self, embed_dim: int, num_heads: int, attn_drop: float, proj_drop: float) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=attn_drop, batch_first=True)
@@ -164,8 +187,29 @@ class SelfAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         q = k = query + query_pos
-        out = self.attn(q, k, query, need_weights=False)[0]
+        if self.fast_inference and not self.training and not torch.is_grad_enabled():
+            out = self._batch_first_attention(q, query)
+        else:
+            out = self.attn(q, k, query, need_weights=False)[0]
         return query + self.proj_drop(out)
+
+    def _batch_first_attention(self, qk: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """nn.MultiheadAttention's computation in eval (no dropout) on (N, Q, C) inputs kept
+        batch-first: the module's own path projects (Q, N, C) transposed views, which for
+        N > 1 under CPU autocast become batched matmuls over a weight copied Q times."""
+        attn = self.attn
+        batch, queries, channels = qk.shape
+        heads = attn.num_heads
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        q, k = F.linear(qk, weight[: 2 * channels], bias[: 2 * channels]).chunk(2, dim=-1)
+        v = F.linear(value, weight[2 * channels :], bias[2 * channels :])
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, Q, C) -> (N, heads, Q, C / heads)
+            return x.reshape(batch, queries, heads, channels // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v))
+        out = out.transpose(1, 2).reshape(batch, queries, channels)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -209,7 +253,7 @@ class DeformableDecoderLayer(nn.Module):
         memory: torch.Tensor,  # (N, S, C)
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
-        memory_padding_mask: torch.Tensor,  # (N, S)
+        memory_padding_mask: torch.Tensor | None,  # (N, S); None: no padding
     ) -> torch.Tensor:
         query = self.norms[0](self.attentions[0](query, query_pos))
         query = self.attentions[1](
@@ -222,7 +266,7 @@ class DeformableDecoderLayer(nn.Module):
             level_start_index=level_start_index,
         )
         query = self.norms[1](query)
-        query = self.norms[2](query + self.ffns[0](query))
+        query = self.norms[2](self.ffns[0](query, identity=query))  # query + ffn(query)
         return query
 
 
@@ -280,7 +324,7 @@ class DeformableDetrTransformerDecoder(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,  # (N, L, 2)
-        memory_padding_mask: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,  # (N, S); None: no padding
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (layers, N, Q, C) states and (layers, N, Q, 2 or 4) reference points, the
         references being the ones each layer's boxes are predicted relative to *after* it."""
@@ -372,11 +416,12 @@ class DeformableDetrTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One proposal per encoder token: centre at the pixel, size 0.05 * 2**level of the valid
         image, in logit space. Padded tokens and proposals too near the border get +inf and their
-        memory is zeroed. Returns (N, S, C) projected memory and (N, S, 4) proposals."""
+        memory is zeroed. Returns (N, S, C) projected memory and (N, S, 4) proposals.
+        `spatial_shapes`: (L, 2) tensor or list of (H, W) (the list needs no read-back)."""
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for lvl, (height, width) in enumerate(_level_sizes(spatial_shapes)):
+        for lvl, (height, width) in enumerate(_shape_list(spatial_shapes)):
             mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
             valid_height = torch.sum(~mask[:, :, 0], 1)
             valid_width = torch.sum(~mask[:, 0, :], 1)
@@ -414,48 +459,83 @@ class DeformableDetrTransformer(nn.Module):
         pos = torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
         return pos
 
-    def forward(
+    def pyramid_layout(
         self,
-        multi_level_feats: list[torch.Tensor],  # L x (N, C, H_l, W_l)
         multi_level_masks: list[torch.Tensor],  # L x (N, H_l, W_l), True on padding
         multi_level_pos_embeds: list[torch.Tensor],  # L x (N, C, H_l, W_l)
-        query_embed: torch.Tensor | None,  # (Q, 2C) learned queries, None in two-stage mode
-    ):
-        feat_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
-        for lvl, (feat, mask, pos) in enumerate(
-            zip(multi_level_feats, multi_level_masks, multi_level_pos_embeds)
-        ):
-            _, _, height, width = feat.shape
-            shapes.append((height, width))
-            feat_flatten.append(feat.flatten(2).transpose(1, 2))  # (N, H*W, C)
-            mask_flatten.append(mask.flatten(1))
-            pos = pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1)
-            pos_flatten.append(pos)
-        feat_flatten = torch.cat(feat_flatten, 1)  # (N, S, C)
-        mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
-        pos_flatten = torch.cat(pos_flatten, 1)  # (N, S, C)
+        dtype: torch.dtype | None = None,
+        check_padding: bool = False,
+    ) -> PyramidLayout:
+        """Everything the encoder and decoder take that depends on the padding masks only (and
+        the level embeddings): see `PyramidLayout`. `dtype` casts the positional embedding (the
+        features' dtype under autocast, so the encoder adds it without a float32 round trip);
+        `check_padding` reads the masks once to learn whether anything is padded."""
+        shapes = [(m.shape[-2], m.shape[-1]) for m in multi_level_masks]
+        device = multi_level_masks[0].device
+        mask_flatten = torch.cat([m.flatten(1) for m in multi_level_masks], 1)  # (N, S)
+        pos_flatten = torch.cat(
+            [
+                pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1)
+                for lvl, pos in enumerate(multi_level_pos_embeds)
+            ],
+            1,
+        )  # (N, S, C)
+        if dtype is not None:
+            pos_flatten = pos_flatten.to(dtype)
         # torch.tensor (not as_tensor) keeps the sizes symbolic under torch.export
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=feat_flatten.device)
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in multi_level_masks], 1)
-
-        memory = self.encoder(
-            feat_flatten,
-            pos_flatten,
+        reference_points = DeformableDetrTransformerEncoder.get_reference_points(
+            shapes, valid_ratios, device
+        )
+        padded = bool(mask_flatten.any()) if check_padding else True
+        return PyramidLayout(
+            shapes,
             spatial_shapes,
             level_start_index,
             valid_ratios,
             mask_flatten,
-            level_sizes=shapes,
+            pos_flatten,
+            reference_points,
+            padded,
+        )
+
+    def forward(
+        self,
+        multi_level_feats: list[torch.Tensor],  # L x (N, C, H_l, W_l)
+        multi_level_masks: list[torch.Tensor],  # L x (N, H_l, W_l), True on padding
+        multi_level_pos_embeds: list[torch.Tensor] | None,  # L x (N, C, H_l, W_l)
+        query_embed: torch.Tensor | None,  # (Q, 2C) learned queries, None in two-stage mode
+        layout: PyramidLayout | None = None,  # from `pyramid_layout`, when the caller has it
+    ):
+        if layout is None:
+            layout = self.pyramid_layout(multi_level_masks, multi_level_pos_embeds)
+        # (N, C, H, W) -> (N, H*W, C): a view when the map is channels_last
+        feat_flatten = torch.cat([f.flatten(2).transpose(1, 2) for f in multi_level_feats], 1)
+        spatial_shapes = layout.spatial_shapes
+        level_start_index = layout.level_start_index
+        valid_ratios = layout.valid_ratios
+        mask_flatten = layout.mask_flatten
+        attention_mask = mask_flatten if layout.padded else None
+
+        memory = self.encoder(
+            feat_flatten,
+            layout.pos_flatten,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            attention_mask,
+            layout.reference_points,
         )
 
         batch, _, channels = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.as_two_stage:
             output_memory, output_proposals = self.gen_encoder_output_proposals(
-                memory, mask_flatten, shapes
+                memory, mask_flatten, layout.shapes
             )
             num_layers = self.decoder.num_layers
             enc_outputs_class = self.decoder.class_embed[num_layers](output_memory)
@@ -493,6 +573,6 @@ class DeformableDetrTransformer(nn.Module):
             spatial_shapes,
             level_start_index,
             valid_ratios,
-            mask_flatten,
+            attention_mask,
         )
         return states, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

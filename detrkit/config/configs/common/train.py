@@ -23,4 +23,5 @@ train = dict(
     # on SIGTERM/SIGINT/SIGUSR1 training saves and exits with code 75; under SLURM this also
     # runs `scontrol requeue $SLURM_JOB_ID` (the requeued job should pass --resume)
     requeue_on_preempt=False,
+    compile=False,  # detrkit: torch.compile(dynamic=True) the model for training and evaluation
 )

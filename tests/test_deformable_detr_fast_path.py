@@ -1,0 +1,238 @@
+"""The eval-time fast path of DeformableDETR (FrozenBN folding, the cached pyramid layout, no
+masking of unpadded batches, the positional embedding kept in the autocast dtype) against the
+plain computation (`set_fast_inference(False)`) of the same model, on fresh random weights and
+images; and the cache's keys: sizes, padding masks, the level embeddings, training."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from detrkit.config import LazyCall as L
+from detrkit.config import LazyConfig, instantiate
+from detrkit.layers import FFN, ShapeSpec
+from projects.deformable_detr.modeling import (
+    DeformableDetrTransformer,
+    DeformableDetrTransformerEncoder,
+)
+from projects.deformable_detr.modeling.deformable_transformer import SelfAttention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(variant: str) -> torch.nn.Module:
+    """The quickstart's small model with FrozenBN (so there is something to fold), as
+    `variant`, with random weights and random frozen statistics."""
+    cfg = LazyConfig.load("projects/deformable_detr/configs/shapes_tiny.py")
+    model = cfg.model
+    model.backbone.stem.norm = "FrozenBN"
+    model.backbone.stages.norm = "FrozenBN"
+    model.with_box_refine = variant != "multi_scale"
+    model.as_two_stage = variant == "two_stage"
+    model.num_queries = 20
+    if variant == "single_scale":
+        model.backbone.out_features = ["res5"]
+        model.neck.input_shapes = {"res5": L(ShapeSpec)(channels=128)}
+        model.neck.in_features = ["res5"]
+        model.neck.num_outs = 1
+        model.transformer.num_feature_levels = 1
+    torch.manual_seed(random.randrange(2**31))
+    net = instantiate(cfg.model)
+    with torch.no_grad():
+        for name, tensor in net.named_buffers():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                tensor.normal_(0.0, 0.2)
+        for name, tensor in net.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                tensor.normal_(0.0, 0.1)
+            elif not tensor.any():  # zero-initialized (attention offsets and weights, heads):
+                tensor.normal_(0.0, 0.1)  # queries and positions would not matter otherwise
+    return net.eval()
+
+
+def images(*sizes: tuple[int, int]) -> list[dict]:
+    return [
+        {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8)}
+        for height, width in sizes
+    ]
+
+
+def predictions(model: torch.nn.Module, inputs: list[dict], fast: bool) -> list:
+    if model.fast_inference != fast:
+        model.set_fast_inference(fast)
+    with torch.no_grad():
+        outputs = model(inputs)
+    return [o["instances"] for o in outputs]
+
+
+def assert_same_detections(fast: list, plain: list) -> None:
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
+        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, rtol=0, atol=1e-3)
+        # equal scores may swap places; the classes of clearly separated scores may not
+        gaps = torch.diff(b.scores).abs() > 1e-4
+        separated = torch.cat([gaps[:1], gaps[1:] & gaps[:-1], gaps[-1:]])
+        assert torch.equal(a.pred_classes[separated], b.pred_classes[separated])
+
+
+@pytest.mark.parametrize("variant", ["single_scale", "multi_scale", "refine", "two_stage"])
+def test_fast_path_detections_equal_plain(variant):
+    model = tiny_model(variant)
+    # one image, then a padded batch, then the first size again (a cache hit)
+    for inputs in (images((96, 128)), images((96, 128), (80, 112)), images((96, 128))):
+        plain = predictions(model, inputs, fast=False)
+        assert_same_detections(predictions(model, inputs, fast=True), plain)
+
+
+def test_plain_path_folds_nothing_and_caches_nothing():
+    model = tiny_model("multi_scale")
+    inputs = images((64, 96))
+    channels_last = []
+    model.backbone.register_forward_pre_hook(
+        lambda _, args: channels_last.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)
+        )
+    )
+    predictions(model, inputs, fast=False)
+    assert model._layout_cache is None
+    convs = [m for m in model.modules() if hasattr(m, "fold_frozen_norm")]
+    assert convs and all(not c.fold_frozen_norm and c._folded is None for c in convs)
+    switches = [m for m in model.modules() if isinstance(m, SelfAttention | FFN)]
+    assert switches and not any(getattr(m, "fast_inference", False) for m in switches)
+    assert not any(getattr(m, "fuse_inference", False) for m in switches)
+    predictions(model, inputs, fast=True)
+    assert model._layout_cache is not None
+    assert any(c._folded is not None for c in convs)
+    assert channels_last == [False, True]
+
+
+def test_cache_is_keyed_on_the_padding_mask_not_only_the_size():
+    model = tiny_model("refine")
+    # both batches pad to 96 x 128 with the same feature sizes, but pad different images
+    first = images((96, 128), (96, 100))
+    second = images((70, 128), (96, 128))
+    predictions(model, first, fast=True)
+    first_layout = model._layout_cache[2]
+    fast = predictions(model, second, fast=True)
+    assert model._layout_cache[2] is not first_layout
+    assert_same_detections(fast, predictions(model, second, fast=False))
+
+
+def test_cache_follows_the_level_embeddings():
+    model = tiny_model("multi_scale")
+    inputs = images((64, 96))
+    predictions(model, inputs, fast=True)
+    with torch.no_grad():  # an in-place change (an optimizer step, a load) ...
+        model.transformer.level_embeds.add_(torch.randn_like(model.transformer.level_embeds))
+    assert_same_detections(
+        predictions(model, inputs, fast=True), predictions(model, inputs, fast=False)
+    )
+    # ... and a new tensor (load_state_dict with assign, .to)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["transformer.level_embeds"] = torch.randn_like(state["transformer.level_embeds"])
+    model.load_state_dict(state, assign=True)
+    assert_same_detections(
+        predictions(model, inputs, fast=True), predictions(model, inputs, fast=False)
+    )
+
+
+def test_training_never_uses_the_cache():
+    model = tiny_model("multi_scale")
+    predictions(model, images((64, 96)), fast=True)
+    assert model._layout_cache is not None
+    model.train()
+    assert model._layout_cache is None
+    features = [torch.randn(1, 64, 8, 12), torch.randn(1, 64, 4, 6)]
+    masks = [torch.zeros(1, 8, 12, dtype=torch.bool), torch.zeros(1, 4, 6, dtype=torch.bool)]
+    model.transformer.num_feature_levels = 2
+    layout = model._pyramid_layout(features, masks)
+    assert model._layout_cache is None
+    assert layout.padded  # training always masks: it never reads the masks to learn otherwise
+    assert layout.pos_flatten.requires_grad  # gradients reach the level embeddings
+
+
+def test_reference_points_and_proposals_from_a_shape_list_equal_the_tensor_path():
+    shapes = [(5, 7), (3, 4)]
+    spatial_shapes = torch.tensor(shapes)
+    valid_ratios = torch.rand(2, 2, 2) * 0.5 + 0.5
+    from_list = DeformableDetrTransformerEncoder.get_reference_points(
+        shapes, valid_ratios, torch.device("cpu")
+    )
+    from_tensor = DeformableDetrTransformerEncoder.get_reference_points(
+        spatial_shapes, valid_ratios, torch.device("cpu")
+    )
+    assert torch.equal(from_list, from_tensor)
+
+    transformer = tiny_model("two_stage").transformer
+    memory = torch.randn(2, 35 + 12, 64)
+    mask = torch.zeros(2, 35 + 12, dtype=torch.bool)
+    mask[1, 30:35] = True
+    with torch.no_grad():
+        a = transformer.gen_encoder_output_proposals(memory, mask, shapes)
+        b = transformer.gen_encoder_output_proposals(memory, mask, spatial_shapes)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_layout_matches_its_definition():
+    """The layout against values computed here from the masks: level offsets, valid ratios,
+    the flattened mask and the sine + level embedding."""
+    model = tiny_model("multi_scale")
+    transformer: DeformableDetrTransformer = model.transformer
+    masks = []
+    for height, width in [(8, 12), (4, 6), (2, 3), (1, 2)]:
+        mask = torch.zeros(2, height, width, dtype=torch.bool)
+        mask[1, :, width // 2 + 1 :] = True
+        masks.append(mask)
+    pos = [model.position_embedding(m) for m in masks]
+    with torch.no_grad():
+        layout = transformer.pyramid_layout(masks, pos, check_padding=True)
+    assert layout.shapes == [(8, 12), (4, 6), (2, 3), (1, 2)]
+    assert layout.level_start_index.tolist() == [0, 96, 120, 126]
+    assert layout.padded
+    torch.testing.assert_close(layout.valid_ratios[1, 0], torch.tensor([7 / 12, 1.0]))
+    assert torch.equal(layout.mask_flatten, torch.cat([m.flatten(1) for m in masks], 1))
+    expected = pos[1].flatten(2).transpose(1, 2) + transformer.level_embeds[1]
+    torch.testing.assert_close(layout.pos_flatten[:, 96:120], expected)
+    unpadded = [torch.zeros_like(m) for m in masks]
+    assert not transformer.pyramid_layout(unpadded, pos, check_padding=True).padded
+
+
+def test_bf16_autocast_keeps_the_positional_embedding_in_bf16_and_stays_close():
+    model = tiny_model("refine")
+    inputs = images((96, 128))
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((kwargs["query"].dtype, kwargs["query_pos"].dtype, kwargs["value"].dtype))
+
+    attention = model.transformer.encoder.layers[0].attentions[0]
+    handle = attention.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(inputs)[0]["instances"]
+    handle.remove()
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+    fp32 = predictions(model, inputs, fast=False)[0]
+    # the scores of a random model lie close together: compare values, not ranks
+    assert (bf16.scores.float() - fp32.scores).abs().max() < 0.02
+
+
+def test_batch_first_self_attention_equals_multihead_attention():
+    attention = SelfAttention(embed_dim=32, num_heads=4, attn_drop=0.1, proj_drop=0.1).eval()
+    with torch.no_grad():
+        attention.attn.in_proj_bias.normal_()
+        attention.attn.out_proj.bias.normal_()
+    query, query_pos = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    with torch.no_grad():
+        fast = attention(query, query_pos)
+        q = query + query_pos  # the oracle: torch's module, called as the plain path calls it
+        expected = query + attention.attn(q, q, query, need_weights=False)[0]
+        attention.fast_inference = False
+        plain = attention(query, query_pos)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain, expected)

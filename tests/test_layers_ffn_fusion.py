@@ -1,0 +1,100 @@
+"""The eval-time oneDNN fusion of FFN (Linear with bias and ReLU in one call) against the FFN's
+computation written out with torch.nn.functional, on fresh random weights and inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import detrkit.layers.onednn as onednn
+from detrkit.layers import FFN
+from detrkit.layers.mlp import set_ffn_fusion
+from detrkit.layers.onednn import onednn_op
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(onednn_op("_linear_pointwise") is None, reason="torch built without oneDNN"),
+]
+
+
+def written_out(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
+    """Linear -> activation for every hidden layer, then the last Linear (dropout: eval)."""
+    *hidden, last, _ = ffn.layers
+    for linear, activation, _ in hidden:
+        x = activation(F.linear(x, linear.weight, linear.bias))
+    return F.linear(x, last.weight, last.bias)
+
+
+def random_ffn(**kwargs) -> FFN:
+    ffn = FFN(**kwargs).eval()
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_()
+    return ffn
+
+
+@pytest.mark.parametrize("with_identity", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"embed_dim": 16, "feedforward_dim": 48},
+        {"embed_dim": 8, "feedforward_dim": 24, "output_dim": 5, "num_fcs": 3},
+        {"embed_dim": 8, "feedforward_dim": 24, "activation": nn.GELU},
+    ],
+)
+def test_fused_ffn_equals_the_written_out_computation(kwargs, with_identity, monkeypatch):
+    ffn = random_ffn(**kwargs)
+    x = torch.randn(2, 37, ffn.embed_dim)
+    identity = torch.randn(2, 37, ffn.output_dim) if with_identity else None
+    calls = []
+    op = onednn_op("_linear_pointwise")
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[3])
+            return op(*args)
+
+        def binary(self, *args):
+            calls.append(f"binary {args[4]}")
+            return op.binary(*args)
+
+    monkeypatch.setitem(onednn._OPS, "_linear_pointwise", Counting())
+    with torch.no_grad():
+        expected = written_out(ffn, x)
+        if with_identity:
+            expected = expected + identity
+        fused = ffn(x, identity=identity)
+    assert len(calls) == ffn.num_fcs  # every Linear went through the fused call
+    relu = isinstance(ffn.layers[0][1], nn.ReLU)
+    assert calls[0] == ("relu" if relu else "none")
+    assert calls[-1] == ("binary add" if with_identity else "none")
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_ffn_under_bf16_autocast_matches_autocast_linears():
+    ffn = random_ffn(embed_dim=32, feedforward_dim=64)
+    x = torch.randn(3, 11, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = ffn(x, identity=x)
+        expected = x + written_out(ffn, x)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=5e-2)
+
+
+def test_training_grad_and_switched_off_run_the_modules():
+    ffn = random_ffn(embed_dim=8, feedforward_dim=16)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = ffn(x)  # grad enabled: the plain modules, differentiable
+    out.sum().backward()
+    assert x.grad is not None
+    assert torch.equal(out.detach(), ffn.layers(x).detach())
+    assert torch.equal(ffn(x, identity=x), x + ffn.layers(x))
+    set_ffn_fusion(ffn, False)
+    with torch.no_grad():
+        assert torch.equal(ffn(x), ffn.layers(x))
+    ffn.train()
+    set_ffn_fusion(ffn, True)
+    with torch.no_grad():
+        assert torch.equal(ffn(x), ffn.layers(x))
