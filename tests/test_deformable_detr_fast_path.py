@@ -236,3 +236,12 @@ def test_batch_first_self_attention_equals_multihead_attention():
         plain = attention(query, query_pos)
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(plain, expected)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_fast_inference_is_a_config_key(value):
+    from detrkit.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load("projects/deformable_detr/configs/shapes_tiny.py")
+    cfg = LazyConfig.apply_overrides(cfg, [f"model.fast_inference={value}"])
+    assert instantiate(cfg.model).fast_inference is value

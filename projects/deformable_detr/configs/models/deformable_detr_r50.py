@@ -94,4 +94,6 @@ model = L(DeformableDETR)(
     select_box_nums_for_evaluation=300,
     # False: a padded batch runs as one (faster); a result may then depend on its batch-mates
     batch_invariant_eval=True,
+    # False: the plain eval computation (no folded norms, fused calls or cached pyramid layout)
+    fast_inference=True,
 )
