@@ -6,6 +6,7 @@ reports bad inputs in one line."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -385,3 +386,19 @@ def test_tool_output_is_a_file(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(target) in lines[0] and "is a file" in lines[0]
+
+
+def test_tool_verification_fails_for_other_weights(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "export_model", os.path.join(REPO, "tools", "export_model.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model, program = exported("single_scale")
+    path = str(tmp_path / "model.pt2")
+    torch.export.save(program, path)
+    images = random_images(*RUN_SIZES[0])
+    assert tool.verify(model, "torch_export", path, [images], "cpu")
+    assert not tool.verify(small_model("single_scale"), "torch_export", path, [images], "cpu")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("OK") and "FAILED" in lines[1]
