@@ -87,9 +87,9 @@ def test_eval_same_ap_for_test_batch_size_and_process_count(tmp_path, datasets_d
     batch_1 = evaluate("dataloader.test.batch_size=1")
     batch_4 = evaluate("dataloader.test.batch_size=4")
     two_processes = evaluate("dataloader.test.batch_size=2", flags=("--num-gpus", "2"))
-    assert batch_1[0] > 1.0, (
-        batch_1
-    )  # 300 iterations learn something: the comparison means something
+    # 300 iterations learn something (an untrained model scores about 0.01), so the comparison
+    # means something
+    assert batch_1[0] > 0.5, batch_1
     assert batch_4 == pytest.approx(batch_1, abs=1e-3, nan_ok=True)
     assert two_processes == pytest.approx(batch_1, abs=1e-3, nan_ok=True)
 
