@@ -137,7 +137,7 @@ def test_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights_and_ap(tmp_
     assert "Starting training from iteration" in (out / "log.txt").read_text()
     # the checkpoint holds the data position and random generators: the resumed run trains on
     # what the uninterrupted one did and ends with the same weights, hence the same AP
-    assert bbox_ap(resumed_output) == uninterrupted
+    assert bbox_ap(resumed_output) == pytest.approx(uninterrupted, abs=0, nan_ok=True)
     full_weights = torch.load(full / "model_final.pth", weights_only=True)["model"]
     resumed = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert full_weights.keys() == resumed.keys()

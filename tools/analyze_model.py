@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
         model, device, _ = build_model(cfg, load=None)
         model.eval()
+        if hasattr(model, "set_fast_inference"):
+            # count the model's own operations: fvcore traces neither the fused oneDNN calls of
+            # the eval fast path nor its cached tensors
+            model.set_fast_inference(False)
         for task in args.tasks:
             if task == "parameter":
                 table = parameter_count_table(model, max_depth=args.max_depth)
