@@ -61,6 +61,7 @@ import torch
 from detrkit.checkpoint.convert.common import ConversionError, ConversionResult
 from detrkit.checkpoint.convert.torchvision import resnet_layout, torchvision_to_detectron2_name
 
+from .layout import ShapeLayout
 from .variants import VARIANTS, Variant
 
 __all__ = [
@@ -492,28 +493,19 @@ def _backbone_layout(spec: HFSpec) -> OrderedDict[str, tuple[int, ...]]:
 def hf_layout(spec: HFSpec) -> OrderedDict[str, tuple[int, ...]]:
     """`{key: shape}` of the model in transformers 4.x names, every name of a shared head
     included (as the Hub files list them)."""
-    shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+    shapes = ShapeLayout()
     d = spec.d_model
 
-    def linear(name: str, out_features: int, in_features: int) -> None:
-        shapes[f"{name}.weight"] = (out_features, in_features)
-        shapes[f"{name}.bias"] = (out_features,)
-
-    def layer_norm(name: str, channels: int = d) -> None:
-        shapes[f"{name}.weight"] = (channels,)
-        shapes[f"{name}.bias"] = (channels,)
-
-    def deformable_attention(name: str, heads: int, points: int) -> None:
-        samples = heads * spec.num_feature_levels * points
-        linear(f"{name}.sampling_offsets", samples * 2, d)
-        linear(f"{name}.attention_weights", samples, d)
-        linear(f"{name}.value_proj", d, d)
-        linear(f"{name}.output_proj", d, d)
-
-    def box_head(name: str) -> None:
-        linear(f"{name}.layers.0", d, d)
-        linear(f"{name}.layers.1", d, d)
-        linear(f"{name}.layers.2", 4, d)
+    def attention_and_ffn(layer: str, attention: str, heads: int, points: int, ffn: int) -> None:
+        """The part transformers' encoder and decoder layers share: a deformable attention and
+        its norm, then the FFN and `final_layer_norm`."""
+        shapes.deformable_attention(
+            f"{layer}.{attention}", heads, spec.num_feature_levels, points, d
+        )
+        shapes.layer_norm(f"{layer}.{attention}_layer_norm", d)
+        shapes.linear(f"{layer}.fc1", ffn, d)
+        shapes.linear(f"{layer}.fc2", d, ffn)
+        shapes.layer_norm(f"{layer}.final_layer_norm", d)
 
     shapes["model.level_embed"] = (spec.num_feature_levels, d)
     for key, shape in _backbone_layout(spec).items():
@@ -527,43 +519,39 @@ def hf_layout(spec: HFSpec) -> OrderedDict[str, tuple[int, ...]]:
             source = res5 if i == spec.backbone_levels else d
             shapes[f"model.input_proj.{i}.0.weight"] = (d, source, 3, 3)
         shapes[f"model.input_proj.{i}.0.bias"] = (d,)
-        layer_norm(f"model.input_proj.{i}.1")  # GroupNorm(32, d)
+        shapes.layer_norm(f"model.input_proj.{i}.1", d)  # GroupNorm(32, d)
     if not spec.two_stage:
         shapes["model.query_position_embeddings.weight"] = (spec.num_queries, 2 * d)
     for i in range(spec.encoder_layers):
         layer = f"model.encoder.layers.{i}"
-        deformable_attention(f"{layer}.self_attn", spec.encoder_heads, spec.encoder_points)
-        layer_norm(f"{layer}.self_attn_layer_norm")
-        linear(f"{layer}.fc1", spec.encoder_ffn, d)
-        linear(f"{layer}.fc2", d, spec.encoder_ffn)
-        layer_norm(f"{layer}.final_layer_norm")
+        attention_and_ffn(
+            layer, "self_attn", spec.encoder_heads, spec.encoder_points, spec.encoder_ffn
+        )
     for i in range(spec.decoder_layers):
         layer = f"model.decoder.layers.{i}"
         for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            linear(f"{layer}.self_attn.{proj}", d, d)
-        layer_norm(f"{layer}.self_attn_layer_norm")
-        deformable_attention(f"{layer}.encoder_attn", spec.decoder_heads, spec.decoder_points)
-        layer_norm(f"{layer}.encoder_attn_layer_norm")
-        linear(f"{layer}.fc1", spec.decoder_ffn, d)
-        linear(f"{layer}.fc2", d, spec.decoder_ffn)
-        layer_norm(f"{layer}.final_layer_norm")
+            shapes.linear(f"{layer}.self_attn.{proj}", d, d)
+        shapes.layer_norm(f"{layer}.self_attn_layer_norm", d)
+        attention_and_ffn(
+            layer, "encoder_attn", spec.decoder_heads, spec.decoder_points, spec.decoder_ffn
+        )
     heads = spec.num_predictions
     if spec.with_box_refine:
         for k in range(heads):
-            box_head(f"model.decoder.bbox_embed.{k}")
+            shapes.box_head(f"model.decoder.bbox_embed.{k}", d)
     if spec.two_stage:
         for k in range(heads):
-            linear(f"model.decoder.class_embed.{k}", spec.num_labels, d)
-        linear("model.enc_output", d, d)
-        layer_norm("model.enc_output_norm")
-        linear("model.pos_trans", 2 * d, 2 * d)
-        layer_norm("model.pos_trans_norm", 2 * d)
+            shapes.linear(f"model.decoder.class_embed.{k}", spec.num_labels, d)
+        shapes.linear("model.enc_output", d, d)
+        shapes.layer_norm("model.enc_output_norm", d)
+        shapes.linear("model.pos_trans", 2 * d, 2 * d)
+        shapes.layer_norm("model.pos_trans_norm", 2 * d)
     else:
-        linear("model.reference_points", 2, d)
+        shapes.linear("model.reference_points", 2, d)
     for k in range(heads):
-        linear(f"class_embed.{k}", spec.num_labels, d)
+        shapes.linear(f"class_embed.{k}", spec.num_labels, d)
     for k in range(heads):
-        box_head(f"bbox_embed.{k}")
+        shapes.box_head(f"bbox_embed.{k}", d)
     return shapes
 
 

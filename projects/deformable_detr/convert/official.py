@@ -62,6 +62,7 @@ from detrkit.checkpoint.convert import (
 )
 from detrkit.data.builtin_meta import COCO_CATEGORY_IDS
 
+from .layout import ShapeLayout
 from .variants import VARIANTS, read_structure, resolve_variant
 
 __all__ = [
@@ -109,65 +110,48 @@ def official_layout(
 ) -> OrderedDict[str, tuple[int, ...]]:
     """`{key: shape}` of an official checkpoint's model, in the order the official code lists
     them (transformer, heads, query embedding, input projections, backbone)."""
-    shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+    shapes = ShapeLayout()
     d = EMBED_DIM
-
-    def linear(name: str, out_features: int, in_features: int) -> None:
-        shapes[f"{name}.weight"] = (out_features, in_features)
-        shapes[f"{name}.bias"] = (out_features,)
-
-    def layer_norm(name: str, channels: int = d) -> None:
-        shapes[f"{name}.weight"] = (channels,)
-        shapes[f"{name}.bias"] = (channels,)
-
-    def deformable_attention(name: str) -> None:
-        samples = NUM_HEADS * num_feature_levels * NUM_POINTS
-        linear(f"{name}.sampling_offsets", samples * 2, d)
-        linear(f"{name}.attention_weights", samples, d)
-        linear(f"{name}.value_proj", d, d)
-        linear(f"{name}.output_proj", d, d)
-
-    def box_head(name: str) -> None:  # MLP 256 -> 256 -> 256 -> 4
-        linear(f"{name}.layers.0", d, d)
-        linear(f"{name}.layers.1", d, d)
-        linear(f"{name}.layers.2", 4, d)
-
     shapes["transformer.level_embed"] = (num_feature_levels, d)
     for i in range(NUM_ENCODER_LAYERS):
         layer = f"transformer.encoder.layers.{i}"
-        deformable_attention(f"{layer}.self_attn")
-        layer_norm(f"{layer}.norm1")
-        linear(f"{layer}.linear1", FFN_DIM, d)
-        linear(f"{layer}.linear2", d, FFN_DIM)
-        layer_norm(f"{layer}.norm2")
+        shapes.deformable_attention(
+            f"{layer}.self_attn", NUM_HEADS, num_feature_levels, NUM_POINTS, d
+        )
+        shapes.layer_norm(f"{layer}.norm1", d)
+        shapes.linear(f"{layer}.linear1", FFN_DIM, d)
+        shapes.linear(f"{layer}.linear2", d, FFN_DIM)
+        shapes.layer_norm(f"{layer}.norm2", d)
     for i in range(NUM_DECODER_LAYERS):
         layer = f"transformer.decoder.layers.{i}"
-        deformable_attention(f"{layer}.cross_attn")
-        layer_norm(f"{layer}.norm1")
+        shapes.deformable_attention(
+            f"{layer}.cross_attn", NUM_HEADS, num_feature_levels, NUM_POINTS, d
+        )
+        shapes.layer_norm(f"{layer}.norm1", d)
         shapes[f"{layer}.self_attn.in_proj_weight"] = (3 * d, d)  # q, k, v stacked
         shapes[f"{layer}.self_attn.in_proj_bias"] = (3 * d,)
-        linear(f"{layer}.self_attn.out_proj", d, d)
-        layer_norm(f"{layer}.norm2")
-        linear(f"{layer}.linear1", FFN_DIM, d)
-        linear(f"{layer}.linear2", d, FFN_DIM)
-        layer_norm(f"{layer}.norm3")
+        shapes.linear(f"{layer}.self_attn.out_proj", d, d)
+        shapes.layer_norm(f"{layer}.norm2", d)
+        shapes.linear(f"{layer}.linear1", FFN_DIM, d)
+        shapes.linear(f"{layer}.linear2", d, FFN_DIM)
+        shapes.layer_norm(f"{layer}.norm3", d)
     heads = num_predictions(as_two_stage)
     if with_box_refine:
         for k in range(heads):
-            box_head(f"transformer.decoder.bbox_embed.{k}")
+            shapes.box_head(f"transformer.decoder.bbox_embed.{k}", d)
     if as_two_stage:
         for k in range(heads):
-            linear(f"transformer.decoder.class_embed.{k}", num_classes, d)
-        linear("transformer.enc_output", d, d)
-        layer_norm("transformer.enc_output_norm")
-        linear("transformer.pos_trans", 2 * d, 2 * d)
-        layer_norm("transformer.pos_trans_norm", 2 * d)
+            shapes.linear(f"transformer.decoder.class_embed.{k}", num_classes, d)
+        shapes.linear("transformer.enc_output", d, d)
+        shapes.layer_norm("transformer.enc_output_norm", d)
+        shapes.linear("transformer.pos_trans", 2 * d, 2 * d)
+        shapes.layer_norm("transformer.pos_trans_norm", 2 * d)
     else:
-        linear("transformer.reference_points", 2, d)
+        shapes.linear("transformer.reference_points", 2, d)
     for k in range(heads):
-        linear(f"class_embed.{k}", num_classes, d)
+        shapes.linear(f"class_embed.{k}", num_classes, d)
     for k in range(heads):
-        box_head(f"bbox_embed.{k}")
+        shapes.box_head(f"bbox_embed.{k}", d)
     if not as_two_stage:
         shapes["query_embed.weight"] = (num_queries, 2 * d)  # query position | content
 
@@ -180,7 +164,7 @@ def official_layout(
             source = BACKBONE_CHANNELS[-1] if i == from_backbone else d
             shapes[f"input_proj.{i}.0.weight"] = (d, source, 3, 3)
         shapes[f"input_proj.{i}.0.bias"] = (d,)
-        layer_norm(f"input_proj.{i}.1")  # GroupNorm(32, 256)
+        shapes.layer_norm(f"input_proj.{i}.1", d)  # GroupNorm(32, 256)
     shapes.update(resnet_layout(50, prefix="backbone.0.body."))
     return shapes
 
