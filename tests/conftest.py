@@ -2,7 +2,7 @@
 
 `tests/fixtures/` holds data the tests read: `checkpoint_keys.json` (the key names and shapes of
 official and detrex Deformable-DETR checkpoints, per variant) through the `checkpoint_keys`
-fixture.
+fixture. The slow tests share one run of the quickstart's training (`quickstart_run`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,24 @@ def gen() -> torch.Generator:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class QuickstartRun:
+    """One uninterrupted run of the quickstart's training command (the config as shipped)."""
+
+    output_dir: Path  # holds model_final.pth, checkpoints, log.txt
+    datasets_dir: Path  # DETRKIT_DATASETS of the run (the generated shapes dataset)
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> QuickstartRun:
+    """`tools/train_net.py --config-file .../shapes_tiny.py`, as `make quickstart` runs it, once
+    per session for the slow tests that need the quickstart's trained model."""
+    from tests.quickstart_runs import run
+
+    root = tmp_path_factory.mktemp("quickstart")
+    output_dir, datasets_dir = root / "output", root / "datasets"
+    stdout = run(datasets_dir, f"train.output_dir={output_dir}", timeout=3600)
+    return QuickstartRun(output_dir, datasets_dir, stdout)

@@ -217,7 +217,10 @@ def test_eval_same_alone_or_padded_in_batch(variant):
         alone = model([small])[0]["instances"]
         batched = model([large, small])[1]["instances"]
     assert len(alone) == 100
-    assert_same_detections(alone, batched)
+    # the padded batch is decoded image by image on unpadded features: the very same arithmetic
+    assert torch.equal(alone.scores, batched.scores)
+    assert torch.equal(alone.pred_classes, batched.pred_classes)
+    assert torch.equal(alone.pred_boxes.tensor, batched.pred_boxes.tensor)
 
 
 def test_batch_invariant_eval_is_a_config_key_and_both_settings_run():

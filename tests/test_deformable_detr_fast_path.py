@@ -9,10 +9,16 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detrkit.config import LazyCall as L
 from detrkit.config import LazyConfig, instantiate
-from detrkit.layers import FFN, ShapeSpec
+from detrkit.layers import (
+    FFN,
+    MultiScaleDeformableAttention,
+    ShapeSpec,
+    ms_deform_attn_reference,
+)
 from projects.deformable_detr.modeling import (
     DeformableDetrTransformer,
     DeformableDetrTransformerEncoder,
@@ -245,3 +251,69 @@ def test_fast_inference_is_a_config_key(value):
     cfg = LazyConfig.load("projects/deformable_detr/configs/shapes_tiny.py")
     cfg = LazyConfig.apply_overrides(cfg, [f"model.fast_inference={value}"])
     assert instantiate(cfg.model).fast_inference is value
+
+
+@pytest.mark.parametrize("reference_kind", ["points", "boxes"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_deformable_attention_equals_its_formula(reference_kind, batch_first, padded, gen):
+    """The eval fusion (offsets and logits from one matmul with the level sizes folded in; the
+    output projection with the residual in one oneDNN call) against the formula written out
+    with the pure-PyTorch reference op; the plain path is checked against it too."""
+    N, Lq, C, M, L, P = 2, 9, 32, 4, 3, 2
+    shapes = torch.tensor([[6, 7], [3, 4], [2, 2]])
+    starts = torch.tensor([0, 42, 54])
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    attention = MultiScaleDeformableAttention(C, M, L, P, dropout=0.1, batch_first=batch_first)
+    attention.eval()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    query, pos = torch.randn(N, Lq, C, generator=gen), torch.randn(N, Lq, C, generator=gen)
+    value = torch.randn(N, S, C, generator=gen)
+    mask = torch.rand(N, S, generator=gen) < 0.2 if padded else None
+    width = 2 if reference_kind == "points" else 4
+    reference = torch.rand(N, Lq, L, width, generator=gen) * 0.8 + 0.1
+
+    with torch.no_grad():
+        q = query + pos
+        offsets = F.linear(q, attention.sampling_offsets.weight, attention.sampling_offsets.bias)
+        offsets = offsets.view(N, Lq, M, L, P, 2)
+        logits = F.linear(q, attention.attention_weights.weight, attention.attention_weights.bias)
+        weights = logits.view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        if reference_kind == "points":
+            size = torch.stack([shapes[:, 1], shapes[:, 0]], -1).float()
+            locations = (
+                reference[:, :, None, :, None, :] + offsets / size[None, None, None, :, None]
+            )
+        else:
+            box = reference[:, :, None, :, None]
+            locations = box[..., :2] + offsets / P * box[..., 2:] * 0.5
+        v = F.linear(value, attention.value_proj.weight, attention.value_proj.bias)
+        if mask is not None:
+            v = v.masked_fill(mask[..., None], 0.0)
+        sampled = ms_deform_attn_reference(
+            v.view(N, S, M, C // M), shapes, starts, locations, weights
+        )
+        expected = query + F.linear(
+            sampled, attention.output_proj.weight, attention.output_proj.bias
+        )
+
+        def call():
+            t = (lambda x: x) if batch_first else (lambda x: x.transpose(0, 1))
+            out = attention(
+                t(query),
+                t(value),
+                query_pos=t(pos),
+                key_padding_mask=mask,
+                reference_points=reference,
+                spatial_shapes=shapes,
+                level_start_index=starts,
+            )
+            return t(out)
+
+        fused = call()
+        attention.fuse_inference = False
+        plain = call()
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from detrkit.data import (
     generate_shapes_dataset,
     read_image,
     register_coco_instances,
+    register_shapes,
 )
 from detrkit.engine import DefaultPredictor, build_inference_model
 from detrkit.evaluation import DatasetEvaluator, inference_on_dataset
@@ -25,7 +26,6 @@ from tests.helpers import capture_logs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_TINY = REPO_ROOT / "projects" / "deformable_detr" / "configs" / "shapes_tiny.py"
-TRAINED = REPO_ROOT / "output" / "shapes_tiny" / "model_final.pth"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,19 +183,27 @@ def test_predictor_missing_config_key_is_named():
 
 
 @pytest.mark.slow
-def test_predictor_on_quickstart_checkpoint():
+def test_predictor_on_quickstart_checkpoint(quickstart_run):
     """The same check on the quickstart's trained model over the whole validation set."""
-    if not TRAINED.is_file():
-        pytest.skip(f"{TRAINED} is absent (make quickstart writes it)")
+    trained = quickstart_run.output_dir / "model_final.pth"
+    register_shapes(str(quickstart_run.datasets_dir / "shapes"))  # the run's validation images
+    try:
+        _check_trained_predictor(trained)
+    finally:
+        register_shapes()
+
+
+def _check_trained_predictor(trained: Path) -> None:
     cfg = LazyConfig.load(str(SHAPES_TINY))
-    cfg = LazyConfig.apply_overrides(cfg, [f"train.init_checkpoint={TRAINED}", "train.device=cpu"])
-    reference = _reference_outputs(cfg, TRAINED)
+    cfg = LazyConfig.apply_overrides(cfg, [f"train.init_checkpoint={trained}", "train.device=cpu"])
+    reference = _reference_outputs(cfg, trained)
     predictor = DefaultPredictor(cfg)
     files = sorted(reference)
     images = [read_image(f, "RGB") for f in files]
     for file_name, image in zip(files, images):
         _assert_same(predictor(image), reference[file_name], f"single {file_name}")
     for start in range(0, len(files), 8):
-        batch = predictor.predict_batch(images[start : start + 8])
-        for file_name, out in zip(files[start : start + 8], batch):
-            _assert_same(out, reference[file_name], f"batched {os.path.basename(file_name)}")
+        chunk = slice(start, start + 8)
+        for file_name, out in zip(files[chunk], predictor.predict_batch(images[chunk])):
+            what = f"batched {os.path.basename(file_name)}"
+            _assert_same(out, reference[file_name], what)

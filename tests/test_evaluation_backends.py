@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,7 @@ pytest.importorskip("faster_coco_eval")
 def test_faster_coco_eval_equals_pycocotools(max_dets, capsys):
     rng = np.random.default_rng()
     coco_gt, detections = random_coco_set(rng, num_images=60, dets_per_image=40)
+    given = copy.deepcopy(detections)
     reference = run_cocoeval(coco_gt, detections, max_dets, backend="pycocotools")
     fast = run_cocoeval(coco_gt, detections, max_dets, backend="faster_coco_eval")
     assert type(fast).__module__.startswith("faster_coco_eval")
@@ -36,6 +39,7 @@ def test_faster_coco_eval_equals_pycocotools(max_dets, capsys):
     assert metrics_ref.keys() == metrics_fast.keys()
     for name, value in metrics_ref.items():
         assert metrics_fast[name] == pytest.approx(value, abs=1e-7, nan_ok=True), name
+    assert detections == given  # the caller's result dicts are left as they were
 
 
 def test_unknown_backend_is_one_line_error():

@@ -94,8 +94,11 @@ def instances_to_coco_json(instances: Any, image_id: int) -> list[dict]:
 def _coco_results_object(coco_gt: COCO, results: list[dict]) -> COCO:
     """pycocotools' loadRes, also for an empty result list (which loadRes cannot take)."""
     if results:
+        # loadRes sets keys (area, id, iscrowd, segmentation) on each dict and mutates nothing
+        # below them: a copy of each dict keeps the caller's list intact (a deep copy of COCO
+        # val's 1.5 million dicts took longer than the faster backend's whole evaluation)
         with contextlib.redirect_stdout(io.StringIO()):
-            return coco_gt.loadRes(copy.deepcopy(results))
+            return coco_gt.loadRes([dict(r) for r in results])
     coco_dt = COCO()
     coco_dt.dataset = {
         "images": list(coco_gt.dataset["images"]),

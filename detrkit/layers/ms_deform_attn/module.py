@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..onednn import cpu_compute_dtype, onednn_fusion_available, onednn_op
 from .op import ms_deform_attn
 
 __all__ = ["MultiScaleDeformableAttention"]
@@ -27,6 +29,11 @@ class MultiScaleDeformableAttention(nn.Module):
         dropout: dropout on the projected output, before the residual.
         batch_first: query/value/identity are (N, L, C) if True, else (L, N, C).
     """
+
+    # eval without autograd: offsets and attention logits from one matmul whose offset rows are
+    # divided by their level's size beforehand, and on the CPU the output projection with the
+    # residual sum in one oneDNN call; False computes exactly the plain formula
+    fuse_inference: bool = True
 
     def __init__(
         self,
@@ -170,13 +177,21 @@ class MultiScaleDeformableAttention(nn.Module):
         # Locations and weights stay float32 when value is half (autocast) so sampling positions
         # keep their precision; float64 models keep float64.
         loc_dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2).to(loc_dtype)
-        logits = self.attention_weights(query).view(N, Lq, M, L * P).to(loc_dtype)
+        points = reference_points.shape[-1] == 2
+        # offsets are in pixels of each level (x / W_l, y / H_l) for points
+        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(loc_dtype)
+        fused = self._fuses(query)
+        if fused:
+            offsets, logits = self._offsets_and_logits(query, normalizer if points else None)
+        else:
+            offsets, logits = self.sampling_offsets(query), self.attention_weights(query)
+        offsets = offsets.view(N, Lq, M, L, P, 2).to(loc_dtype)
+        logits = logits.view(N, Lq, M, L * P).to(loc_dtype)
         attention_weights = logits.softmax(-1).view(N, Lq, M, L, P)
         reference_points = reference_points.to(loc_dtype)
-        if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: x / W_l, y / H_l
-            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(loc_dtype)
+        if points and fused:  # offsets come divided by the level sizes
+            sampling_locations = reference_points[:, :, None, :, None, :] + offsets
+        elif points:
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]
                 + offsets / normalizer[None, None, None, :, None, :]
@@ -195,7 +210,45 @@ class MultiScaleDeformableAttention(nn.Module):
             sampling_locations.contiguous(),
             attention_weights.contiguous(),
         )
+        if (
+            fused
+            and self.batch_first
+            and onednn_fusion_available(output, "_linear_pointwise")
+            and cpu_compute_dtype(output) == identity.dtype  # a half sum would lose precision
+        ):
+            # dropout is the identity in eval: identity + output_proj(output) in one call
+            dtype = identity.dtype
+            return onednn_op("_linear_pointwise").binary(
+                output.to(dtype),
+                identity.to(dtype).contiguous(),
+                self.output_proj.weight.to(dtype),
+                self.output_proj.bias.to(dtype),
+                "add",
+            )
         output = self.output_proj(output)
         if not self.batch_first:
             output = output.transpose(0, 1)
         return identity + self.dropout(output)
+
+    def _fuses(self, query: Tensor) -> bool:
+        return (
+            self.fuse_inference
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+            and not torch.jit.is_tracing()
+        )
+
+    def _offsets_and_logits(self, query: Tensor, normalizer: Tensor | None) -> tuple:
+        """`sampling_offsets(query)` (divided by `normalizer`, (L, 2) level sizes as (W, H),
+        when given) and `attention_weights(query)` from one matmul over the stacked weights."""
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        offset_weight, offset_bias = self.sampling_offsets.weight, self.sampling_offsets.bias
+        if normalizer is not None:
+            # rows are ordered (head, level, point, xy)
+            scale = normalizer.reciprocal().to(offset_weight.dtype)[None, :, None, :]
+            scale = scale.expand(M, L, P, 2).reshape(-1)
+            offset_weight, offset_bias = offset_weight * scale[:, None], offset_bias * scale
+        weight = torch.cat((offset_weight, self.attention_weights.weight))
+        bias = torch.cat((offset_bias, self.attention_weights.bias))
+        return F.linear(query, weight, bias).split((M * L * P * 2, M * L * P), dim=-1)

@@ -18,7 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detrkit.layers import MLP, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from detrkit.layers import (
+    MLP,
+    MultiScaleDeformableAttention,
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+    inverse_sigmoid,
+)
 from detrkit.layers.mlp import set_ffn_fusion
 from detrkit.modeling import set_frozen_norm_folding
 from detrkit.structures import Boxes, ImageList, Instances
@@ -55,9 +61,10 @@ class DeformableDETR(nn.Module):
             num_queries: decoder queries (two-stage: the number of encoder proposals kept).
             select_box_nums_for_evaluation: detections per image in eval (top-k over
                 queries x classes; clamped to that product).
-            batch_invariant_eval: in eval, run the backbone and neck image by image, so a
-                result never depends on which other images share the batch (padding would
-                otherwise leak into convolutions and GroupNorm statistics).
+            batch_invariant_eval: in eval, run the backbone and neck image by image and decode
+                a padded batch image by image, so a result never depends on which other images
+                share the batch (padding would otherwise leak into convolutions and GroupNorm
+                statistics, and change how float32 rounds the sampling locations).
             fast_inference: the eval-time fast path (see `set_fast_inference`); False runs the
                 plain computation.
 
@@ -145,12 +152,13 @@ class DeformableDETR(nn.Module):
 
         On: FrozenBatchNorm2d folded into the convolutions before it, backbone and neck in
         channels-last memory format, oneDNN calls with the bias, ReLU and residual sum fused in
-        (ResNet blocks, FFNs; CPU), the decoder's self-attention projected batch-first, and the
-        pyramid layout (positional embeddings, valid ratios, reference points, `PyramidLayout`)
-        computed once per feature size and padding mask and reused while neither they nor the
-        level embeddings change; unpadded batches skip the attention's masking, and under
-        autocast the positional embedding is kept in the features' dtype. Training never uses
-        it. Off: the plain
+        (ResNet blocks, FFNs, the deformable attention's output projection; CPU), the deformable
+        attention's offsets and attention logits from one matmul with the level sizes folded in,
+        the decoder's self-attention projected batch-first, and the pyramid layout (positional
+        embeddings, valid ratios, reference points, `PyramidLayout`) computed once per feature
+        size and padding mask and reused while neither they nor the level embeddings change;
+        unpadded batches skip the attention's masking, and under autocast the positional
+        embedding is kept in the features' dtype. Training never uses it. Off: the plain
         computation, bit for bit what the model computes without these rewrites.
         """
         self.fast_inference = bool(enabled)
@@ -160,6 +168,8 @@ class DeformableDETR(nn.Module):
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.fast_inference = self.fast_inference
+            elif isinstance(module, MultiScaleDeformableAttention):
+                module.fuse_inference = self.fast_inference
         return self
 
     def train(self, mode: bool = True) -> DeformableDETR:
@@ -395,13 +405,14 @@ class DeformableDETR(nn.Module):
         return output
 
     def _needs_per_image_decoding(self, masks: list[torch.Tensor]) -> bool:
-        """Two-stage decoding of a padded batch equals image-by-image decoding only while every
-        image has at least `two_stage_num_proposals` valid tokens; otherwise padded tokens
-        would become extra queries. Small images in a batch are then decoded one by one."""
-        if not (self.as_two_stage and self.batch_invariant_eval) or masks[0].shape[0] == 1:
+        """Batch-invariant eval decodes a padded batch image by image, each image's features
+        cropped to its own size, so that its detections are the ones it gets alone: in a padded
+        batch the sampling locations are normalized by the padded sizes and scaled by valid
+        ratios, which float32 rounds differently (and in two-stage, padded tokens of a small
+        image would become queries). Batches without padding stay batched."""
+        if not self.batch_invariant_eval or masks[0].shape[0] == 1:
             return False
-        valid_tokens = sum((~m).flatten(1).sum(1) for m in masks)
-        return bool((valid_tokens < self.transformer.two_stage_num_proposals).any())
+        return any(bool(m.any()) for m in masks)
 
     def select_top_detections(
         self,
