@@ -180,7 +180,7 @@ class MultiScaleDeformableAttention(nn.Module):
         points = reference_points.shape[-1] == 2
         # offsets are in pixels of each level (x / W_l, y / H_l) for points
         normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(loc_dtype)
-        fused = self._fuses(query)
+        fused = self._fuses()
         if fused:
             offsets, logits = self._offsets_and_logits(query, normalizer if points else None)
         else:
@@ -230,7 +230,7 @@ class MultiScaleDeformableAttention(nn.Module):
             output = output.transpose(0, 1)
         return identity + self.dropout(output)
 
-    def _fuses(self, query: Tensor) -> bool:
+    def _fuses(self) -> bool:
         return (
             self.fuse_inference
             and not self.training
