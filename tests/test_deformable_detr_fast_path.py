@@ -80,11 +80,14 @@ def predictions(model: torch.nn.Module, inputs: list[dict], fast: bool) -> list:
 def assert_same_detections(fast: list, plain: list) -> None:
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
-        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, rtol=0, atol=1e-3)
-        # equal scores may swap places; the classes of clearly separated scores may not
+        # equal scores may swap places; the classes and boxes of clearly separated scores may not
         gaps = torch.diff(b.scores).abs() > 1e-4
         separated = torch.cat([gaps[:1], gaps[1:] & gaps[:-1], gaps[-1:]])
+        assert separated.sum() >= len(separated) // 2  # most detections are compared
         assert torch.equal(a.pred_classes[separated], b.pred_classes[separated])
+        torch.testing.assert_close(
+            a.pred_boxes.tensor[separated], b.pred_boxes.tensor[separated], rtol=0, atol=1e-3
+        )
 
 
 @pytest.mark.parametrize("variant", ["single_scale", "multi_scale", "refine", "two_stage"])

@@ -185,19 +185,21 @@ class MultiScaleDeformableAttention(nn.Module):
             offsets, logits = self._offsets_and_logits(query, normalizer if points else None)
         else:
             offsets, logits = self.sampling_offsets(query), self.attention_weights(query)
-        offsets = offsets.view(N, Lq, M, L, P, 2).to(loc_dtype)
+        offsets = offsets.view(N, Lq, M, L * P * 2).to(loc_dtype)  # per head: (level, point, xy)
         logits = logits.view(N, Lq, M, L * P).to(loc_dtype)
         attention_weights = logits.softmax(-1).view(N, Lq, M, L, P)
         reference_points = reference_points.to(loc_dtype)
-        if points and fused:  # offsets come divided by the level sizes
-            sampling_locations = reference_points[:, :, None, :, None, :] + offsets
-        elif points:
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )
+        if points:
+            # References and level sizes repeated for each point, laid out like one head's
+            # offsets: the sums then broadcast over heads only, with long contiguous rows (the
+            # same numbers as broadcasting the size-2 and P dims, several times faster on a CPU).
+            if not fused:  # the fused matmul already divided the offsets by the level sizes
+                offsets = offsets / _repeat_per_point(normalizer, L, P)
+            reference = _repeat_per_point(reference_points, L, P)  # (N, Lq, 1, L * P * 2)
+            sampling_locations = (reference + offsets).view(N, Lq, M, L, P, 2)
         else:
             # offsets are in units of half the box size, spread over the points
+            offsets = offsets.view(N, Lq, M, L, P, 2)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
@@ -252,3 +254,11 @@ class MultiScaleDeformableAttention(nn.Module):
         weight = torch.cat((offset_weight, self.attention_weights.weight))
         bias = torch.cat((offset_bias, self.attention_weights.bias))
         return F.linear(query, weight, bias).split((M * L * P * 2, M * L * P), dim=-1)
+
+
+def _repeat_per_point(xy: Tensor, num_levels: int, num_points: int) -> Tensor:
+    """(..., L or 1, 2) per-level (x, y) pairs -> (..., 1, L * P * 2): each level's pair
+    repeated for its P points, in the (level, point, xy) order of one head's offsets."""
+    *lead, _, _ = xy.shape
+    repeated = xy[..., None, :].expand(*lead, num_levels, num_points, 2)
+    return repeated.reshape(*lead, 1, num_levels * num_points * 2)

@@ -291,46 +291,40 @@ class DeformableDETR(nn.Module):
             ]
             return features, masks
 
-        # Batch-invariant eval: each image alone through backbone and neck (no padding can leak
-        # into convolutions or GroupNorm statistics), then zero-padded into one batch per level.
+        # Batch-invariant eval of images of one size (`forward` sends mixed sizes one by one):
+        # each image alone through backbone and neck, as it goes when it comes alone, then
+        # stacked per level. Nothing is padded, so every mask is all False.
         per_image = [
             self.neck(self.backbone(images[i][None].contiguous(memory_format=memory_format)))
             for i in range(len(images))
         ]
-        features, masks = [], []
-        for level in range(len(per_image[0])):
-            maps = [p[level][0] for p in per_image]
-            height = max(m.shape[-2] for m in maps)
-            width = max(m.shape[-1] for m in maps)
-            batch = maps[0].new_zeros((len(maps), maps[0].shape[0], height, width))
-            batch = batch.contiguous(memory_format=memory_format)  # the maps' layout
-            mask = torch.ones((len(maps), height, width), dtype=torch.bool, device=batch.device)
-            for i, m in enumerate(maps):
-                batch[i, :, : m.shape[-2], : m.shape[-1]] = m
-                mask[i, : m.shape[-2], : m.shape[-1]] = False
-            features.append(batch)
-            masks.append(mask)
+        features = [
+            torch.cat(maps).contiguous(memory_format=memory_format) for maps in zip(*per_image)
+        ]
+        masks = [f.new_zeros((f.shape[0], *f.shape[-2:]), dtype=torch.bool) for f in features]
         return features, masks
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: list[dict]):
         images = self.preprocess_image(batched_inputs)
-        features, masks = self._features_and_masks(images)
-
         if self.training:
-            output = self.predict(features, masks)
+            output = self.predict(*self._features_and_masks(images))
             targets = self.prepare_targets(batched_inputs)
             loss_dict = self.criterion(output, targets)
             return weight_losses(loss_dict, self.criterion.weight_dict)
 
-        if self._needs_per_image_decoding(masks):
+        if self.batch_invariant_eval and len(set(images.image_sizes)) > 1:
+            # Images of different sizes go one by one, each on its own unpadded features: in a
+            # padded batch the sampling locations are normalized by the padded sizes and scaled
+            # by valid ratios, which float32 rounds differently than for the image alone (and
+            # in two-stage, a small image's padded tokens would become proposals).
             results = []
             for i, image_size in enumerate(images.image_sizes):
-                image_features, image_masks = _crop_to_valid(features, masks, i)
-                output = self.predict(image_features, image_masks)
+                single = ImageList(images[i][None], [image_size])
+                output = self.predict(*self._features_and_masks(single))
                 results += self.inference(output["pred_logits"], output["pred_boxes"], [image_size])
         else:
-            output = self.predict(features, masks)
+            output = self.predict(*self._features_and_masks(images))
             results = self.inference(
                 output["pred_logits"], output["pred_boxes"], images.image_sizes
             )
@@ -404,16 +398,6 @@ class DeformableDETR(nn.Module):
             }
         return output
 
-    def _needs_per_image_decoding(self, masks: list[torch.Tensor]) -> bool:
-        """Batch-invariant eval decodes a padded batch image by image, each image's features
-        cropped to its own size, so that its detections are the ones it gets alone: in a padded
-        batch the sampling locations are normalized by the padded sizes and scaled by valid
-        ratios, which float32 rounds differently (and in two-stage, padded tokens of a small
-        image would become queries). Batches without padding stay batched."""
-        if not self.batch_invariant_eval or masks[0].shape[0] == 1:
-            return False
-        return any(bool(m.any()) for m in masks)
-
     def select_top_detections(
         self,
         logits: torch.Tensor,  # (N, Q, num_classes)
@@ -448,19 +432,6 @@ class DeformableDETR(nn.Module):
             result.pred_classes = labels[i]
             results.append(result)
         return results
-
-
-def _crop_to_valid(
-    features: list[torch.Tensor], masks: list[torch.Tensor], index: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The `index`-th image's feature maps without their padding, as a batch of one."""
-    cropped_features, cropped_masks = [], []
-    for feature, mask in zip(features, masks):
-        valid = ~mask[index]
-        height, width = int(valid[:, 0].sum()), int(valid[0, :].sum())
-        cropped_features.append(feature[index : index + 1, :, :height, :width])
-        cropped_masks.append(mask[index : index + 1, :height, :width])
-    return cropped_features, cropped_masks
 
 
 def weight_losses(
