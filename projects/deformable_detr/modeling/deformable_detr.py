@@ -61,10 +61,11 @@ class DeformableDETR(nn.Module):
             num_queries: decoder queries (two-stage: the number of encoder proposals kept).
             select_box_nums_for_evaluation: detections per image in eval (top-k over
                 queries x classes; clamped to that product).
-            batch_invariant_eval: in eval, run the backbone and neck image by image and decode
-                a padded batch image by image, so a result never depends on which other images
-                share the batch (padding would otherwise leak into convolutions and GroupNorm
-                statistics, and change how float32 rounds the sampling locations).
+            batch_invariant_eval: in eval, run images of different sizes through the model
+                one by one, and images of one size through backbone and neck one by one, so a
+                result never depends on which other images share the batch (padding would
+                otherwise leak into convolutions and GroupNorm statistics, and change how
+                float32 rounds the sampling locations).
             fast_inference: the eval-time fast path (see `set_fast_inference`); False runs the
                 plain computation.
 
