@@ -90,6 +90,40 @@ def test_ffn_dropout_only_in_training() -> None:
     assert not torch.equal(ffn(x), ffn(x))
 
 
+def _autograd_node_names(tensor: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_ffn_training_gradients_equal_in_place_relu_without_copying_slices() -> None:
+    """The default ReLU is out of place: the same values and gradients as an in-place ReLU
+    after the Linear (torch's own modules), without the CopySlices node an in-place op on the
+    Linear's 3-d output view puts in the graph (it clones the hidden gradient in backward)."""
+    ffn = FFN(16, 48).train()
+    hidden, last = ffn.layers[0][0], ffn.layers[1]
+    x = torch.randn(3, 37, 16, requires_grad=True)
+    grad_out = torch.randn(3, 37, 16)
+
+    out = ffn(x)
+    assert "CopySlices" not in _autograd_node_names(out)
+    got = torch.autograd.grad(out, [x, *ffn.parameters()], grad_out)
+
+    in_place = nn.Sequential(hidden, nn.ReLU(inplace=True), last)
+    expected_out = in_place(x)
+    assert "CopySlices" in _autograd_node_names(expected_out)  # what the default avoids
+    expected = torch.autograd.grad(expected_out, [x, *ffn.parameters()], grad_out)
+    assert torch.equal(out, expected_out)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 def test_ffn_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"num_fcs.*1"):
         FFN(num_fcs=1)

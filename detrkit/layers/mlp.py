@@ -40,7 +40,9 @@ class MLP(nn.Module):
 def _make_activation(activation: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
     """A fresh activation module: a copy of a given module, or the result of a factory."""
     if activation is None:
-        return nn.ReLU(inplace=True)
+        # Not in place: the Linear before it returns a view of its 2-d result for 3-d inputs, and
+        # an in-place op on a view makes autograd clone the hidden gradient twice in backward.
+        return nn.ReLU()
     if isinstance(activation, nn.Module):
         return copy.deepcopy(activation)
     if callable(activation):
@@ -78,7 +80,7 @@ class FFN(nn.Module):
         output_dim: output features (default `embed_dim`).
         num_fcs: number of Linear layers, >= 2.
         activation: an nn.Module (deep-copied for every hidden layer), a zero-argument callable
-            returning one (e.g. `nn.GELU`), or None for `nn.ReLU(inplace=True)`.
+            returning one (e.g. `nn.GELU`), or None for `nn.ReLU()`.
         ffn_drop: dropout probability after every hidden activation and after the last Linear.
     """
 
