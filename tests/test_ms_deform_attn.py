@@ -480,6 +480,26 @@ def test_narrower_cpu_loops(isa):
     assert "BASELINE OK" in result.stdout
 
 
+def test_unknown_cpu_isa_setting_is_an_error_naming_the_choices():
+    script = (
+        "import torch, detrkit.layers.ms_deform_attn\n"
+        "v = torch.zeros(1, 4, 1, 2); loc = torch.zeros(1, 1, 1, 1, 1, 2)\n"
+        "torch.ops.detrkit.ms_deform_attn_forward(v, torch.tensor([[2, 2]]), torch.tensor([0]),"
+        " loc, torch.ones(1, 1, 1, 1, 1))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, DETRKIT_MSDA_CPU_ISA="avx"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "DETRKIT_MSDA_CPU_ISA='avx'" in result.stderr, result.stderr
+    assert "expected baseline, avx2 or avx512" in result.stderr, result.stderr
+
+
 VARIANT_SCRIPT = textwrap.dedent(
     """
     import sys, torch

@@ -273,12 +273,28 @@ Isa cpu_isa() {
       best = Isa::kAvx512;
     }
     const char* want = std::getenv("DETRKIT_MSDA_CPU_ISA");
-    if (want == nullptr) return best;
+    if (want == nullptr || *want == '\0') return best;
     const std::string w(want);
+    TORCH_CHECK(w == "baseline" || w == "avx2" || w == "avx512", "DETRKIT_MSDA_CPU_ISA='", w,
+                "' is not an instruction set of the CPU kernel; expected baseline, avx2 or avx512");
     const Isa asked = w == "baseline" ? Isa::kBaseline : w == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
     return std::min(asked, best);
   }();
   return isa;
+}
+
+// Of one loop nest compiled three ways, the build cpu_isa() picks.
+template <typename Fn>
+Fn widest(Fn baseline, Fn avx2, Fn avx512) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return avx512;
+    case Isa::kAvx2:
+      return avx2;
+    case Isa::kBaseline:
+      break;
+  }
+  return baseline;
 }
 #else
 #define MSDA_HAVE_X86_VARIANTS 0
@@ -293,36 +309,22 @@ void forward_kernel(const Args<scalar_t, loc_t>& a) {
   // each thread a contiguous run of items.
   const int64_t block = 256;
   const int64_t items = d.N * d.M * ((d.Lq + block - 1) / block);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  auto range = &forward_range<NCH, scalar_t, loc_t>;
 #if MSDA_HAVE_X86_VARIANTS
-    switch (cpu_isa()) {
-      case Isa::kAvx512:
-        return forward_range_avx512<NCH>(begin, end, block, a);
-      case Isa::kAvx2:
-        return forward_range_avx2<NCH>(begin, end, block, a);
-      case Isa::kBaseline:
-        break;
-    }
+  range = widest(range, &forward_range_avx2<NCH, scalar_t, loc_t>,
+                 &forward_range_avx512<NCH, scalar_t, loc_t>);
 #endif
-    forward_range<NCH>(begin, end, block, a);
-  });
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { range(begin, end, block, a); });
 }
 
 template <int NCH, typename scalar_t, typename loc_t>
 void backward_kernel(const Args<scalar_t, loc_t>& a) {
-  at::parallel_for(0, a.d.N * a.d.M, 1, [&](int64_t begin, int64_t end) {
+  auto range = &backward_range<NCH, scalar_t, loc_t>;
 #if MSDA_HAVE_X86_VARIANTS
-    switch (cpu_isa()) {
-      case Isa::kAvx512:
-        return backward_range_avx512<NCH>(begin, end, a);
-      case Isa::kAvx2:
-        return backward_range_avx2<NCH>(begin, end, a);
-      case Isa::kBaseline:
-        break;
-    }
+  range = widest(range, &backward_range_avx2<NCH, scalar_t, loc_t>,
+                 &backward_range_avx512<NCH, scalar_t, loc_t>);
 #endif
-    backward_range<NCH>(begin, end, a);
-  });
+  at::parallel_for(0, a.d.N * a.d.M, 1, [&](int64_t begin, int64_t end) { range(begin, end, a); });
 }
 
 void check_cpu(const at::Tensor& value) {
