@@ -1,6 +1,6 @@
 // What the CPU kernel's forward (forward.cpp) and backward (backward.cpp) share: the level
-// table, the channel-chunk dispatch, raw-pointer arguments, per-point setup, prefetching and the
-// choice among the loop builds. Forward and backward are separate translation units so that
+// table, the channel-chunk dispatch, raw-pointer arguments, per-point setup and prefetching (isa.h
+// picks among the loop builds). Forward and backward are separate translation units so that
 // the extension's build compiles them in parallel.
 //
 // Forward: threads split the (n, q) pairs; each (n, q, m) accumulates its L * P bilinear samples
