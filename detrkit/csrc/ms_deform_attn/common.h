@@ -24,6 +24,16 @@
 #define MSDA_HD_TEMPLATE
 #endif
 
+// Marks a host channel loop whose iterations are independent. The compiler cannot prove it on
+// its own where a loop reads and writes through several float pointers (value, grad_value and
+// a local chunk), and then emits scalar code: the CPU backward ran 2x slower that way. Needs
+// OpenMP's simd pragma (setup.py compiles with -fopenmp); a no-op on the device.
+#if !defined(__CUDA_ARCH__) && defined(_OPENMP)
+#define MSDA_SIMD _Pragma("omp simd")
+#else
+#define MSDA_SIMD
+#endif
+
 namespace detrkit {
 namespace msda {
 
@@ -164,6 +174,27 @@ MSDA_HD void sample_point_forward(const scalar_t* base, int64_t row_stride, cons
   }
 }
 
+// Sum of the NCH (a power of two) partial products by repeated halving: part[c] += part[c + h]
+// for h = NCH/2, ..., 1. Every build runs the same additions in the same order (the AVX2 and
+// AVX-512 loops give the same bits), and a vector unit does each halving as one shuffle and one
+// add instead of NCH dependent scalar adds. One template per step, so that every trip count is
+// a compile-time constant.
+template <int H, typename acc_t>
+MSDA_HD void add_upper_half(acc_t* part) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  MSDA_SIMD
+  for (int c = 0; c < H; ++c) part[c] += part[c + H];
+  if constexpr (H > 1) add_upper_half<H / 2>(part);
+}
+template <int NCH, typename acc_t>
+MSDA_HD acc_t sum_by_halving(acc_t* part) {
+  static_assert(NCH > 0 && (NCH & (NCH - 1)) == 0, "NCH must be a power of two");
+  if constexpr (NCH > 1) add_upper_half<NCH / 2>(part);
+  return part[0];
+}
+
 // Backward of one sampling point over the same set of channels as sample_point_forward, given
 // grad_out (the output gradient of those channels, packed like `acc` above):
 //   grad_value[corner_k, c] += attn * weight_k * grad_out[c]   (through sink(row, chunk, scale, g))
@@ -201,16 +232,12 @@ MSDA_HD void sample_point_backward(const scalar_t* base, int64_t row_stride, con
 #pragma unroll
       for (int c = 0; c < NCH; ++c) part[c] += g[c] * v[c];
 #else
+      MSDA_SIMD
       for (int c = 0; c < NCH; ++c) part[c] += g[c] * static_cast<acc_t>(src[c]);
 #endif
       sink(b.row[k], i, scale, g);
     }
-    acc_t d = 0;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-    for (int c = 0; c < NCH; ++c) d += part[c];
-    dot[k] = d;
+    dot[k] = sum_by_halving<NCH>(part);
   }
   const acc_t hx = static_cast<acc_t>(1) - b.lx;
   const acc_t hy = static_cast<acc_t>(1) - b.ly;

@@ -21,6 +21,7 @@ struct RowSink {
   int64_t row_stride;  // elements between rows
   void operator()(int64_t row, int /*chunk*/, acc_t scale, const acc_t* g) const {
     acc_t* dst = base + row * row_stride;
+    MSDA_SIMD
     for (int c = 0; c < NCH; ++c) dst[c] += scale * g[c];
   }
 };
