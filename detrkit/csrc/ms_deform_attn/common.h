@@ -26,7 +26,7 @@
 
 // Marks a host channel loop whose iterations are independent. The compiler cannot prove it on
 // its own where a loop reads and writes through several float pointers (value, grad_value and
-// a local chunk), and then emits scalar code: the CPU backward ran 2x slower that way. Needs
+// a local chunk), and then emits scalar code, which makes the CPU backward about 2x slower. Needs
 // OpenMP's simd pragma (setup.py compiles with -fopenmp); a no-op on the device.
 #if !defined(__CUDA_ARCH__) && defined(_OPENMP)
 #define MSDA_SIMD _Pragma("omp simd")
