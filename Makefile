@@ -2,12 +2,14 @@
 #   make quickstart   install, generate the shapes dataset, train shapes_tiny.py on the CPU, evaluate,
 #                     then draw the trained model's detections on a few validation images
 #   make test         install, lint, run the whole test suite, build-check the CUDA kernel
-# Both install into ./.venv once; the install is skipped while its inputs are unchanged.
+# Both install into ./.venv once; the install is skipped while its inputs are unchanged. The
+# quickstart installs only the core (requirements-core.txt); `make install` adds the extras.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.detrkit-installed
+CORE_STAMP := $(VENV)/.detrkit-core-installed
 EXT_SOURCES := $(shell find detrkit/csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
 # The CUDA build check uses the registry's CUDA build of torch in a separate environment; the
@@ -23,21 +25,29 @@ NVCC := $(if $(CUDA_HOME),$(wildcard $(CUDA_HOME)/bin/nvcc))
 # (tools/check_cuda_build.py --arch-list says why); with nvcc 13.0: 7.5;8.0;9.0;10.0;11.0;12.0+PTX
 TORCH_CUDA_ARCH_LIST ?= $(shell $(PYTHON) tools/check_cuda_build.py --arch-list --nvcc $(NVCC))
 
-.PHONY: install quickstart test test-fast cuda-check lint format clean
+.PHONY: install install-core quickstart test test-fast cuda-check lint format clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml setup.py $(EXT_SOURCES)
+install-core: $(CORE_STAMP)
+
+# The core: torch and the few packages training, evaluation and the demo import, then the package
+# itself, which compiles detrkit._C against that torch.
+$(CORE_STAMP): requirements-core.txt pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-core.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(CORE_STAMP)
+
+# Everything else: the optional extras and the test tools, so that every test runs.
+$(STAMP): $(CORE_STAMP) requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
 QUICKSTART_CONFIG := projects/deformable_detr/configs/shapes_tiny.py
 QUICKSTART_OUTPUT := output/shapes_tiny
 
-quickstart: install
+quickstart: install-core
 	$(PY) tools/train_net.py --config-file $(QUICKSTART_CONFIG)
 	$(PY) demo/demo.py --config-file $(QUICKSTART_CONFIG) \
 		--input "$${DETRKIT_DATASETS:-datasets}/shapes/val/val_00000[1-4].jpg" \

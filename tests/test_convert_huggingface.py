@@ -316,6 +316,29 @@ def test_ours_to_transformers_and_back(repo_root, tmp_path, variant):
         assert torch.equal(back.model[key], value), key
 
 
+def test_hybrid_matching_model_writes_its_one_to_one_queries(repo_root, tmp_path):
+    """A model trained with hybrid matching predicts with its first num_queries queries; the
+    transformers model written from it (those rows only) predicts the same."""
+    overrides = [
+        *TINY_OURS,
+        "model.num_classes=7",
+        "model.num_queries_one2many=9",
+        *neck_channels("refine"),
+    ]
+    ours = build_ours(repo_root, "refine", overrides)
+    perturb_(ours, seed=31)
+    num_queries = ours.num_queries
+    assert ours.query_embedding.weight.shape[0] == num_queries + 9
+    export_huggingface(ours, ours.state_dict(), str(tmp_path), [f"c{i}" for i in range(7)])
+
+    hf_model = DeformableDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    assert torch.equal(
+        hf_model.model.query_position_embeddings.weight,
+        ours.query_embedding.weight[:num_queries],
+    )
+    compare_with_transformers(hf_model, ours, random_image(17), list(range(7)))
+
+
 def test_dc5_writes_a_timm_model_and_reads_it_back(repo_root, tmp_path):
     """DC5 needs timm's dilated ResNet (transformers' has none): written with
     `--hf-backbone timm`, refused without it."""

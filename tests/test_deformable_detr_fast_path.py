@@ -39,6 +39,8 @@ def tiny_model(variant: str) -> torch.nn.Module:
     model.with_box_refine = variant != "multi_scale"
     model.as_two_stage = variant == "two_stage"
     model.num_queries = 20
+    if model.as_two_stage:
+        model.num_queries_one2many = 0  # hybrid matching is for learned queries
     if variant == "single_scale":
         model.backbone.out_features = ["res5"]
         model.neck.input_shapes = {"res5": L(ShapeSpec)(channels=128)}

@@ -79,7 +79,8 @@ def test_fused_ffn_under_bf16_autocast_matches_autocast_linears():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = ffn(x, identity=x)
         expected = x + written_out(ffn, x)
-    assert fused.dtype == torch.bfloat16
+    if onednn.cpu_bf16_supported():  # fused in bf16 (else the modules, as autocast runs them)
+        assert fused.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=5e-2)
 
 

@@ -76,7 +76,8 @@ def test_fused_conv_under_bf16_autocast_and_when_not_fused():
     residual = torch.randn(1, 16, 7, 7)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = conv.forward_fused(x, relu=True, residual=residual)
-    assert fused.dtype == torch.bfloat16
+    if onednn.cpu_bf16_supported():  # one bf16 oneDNN call (else the modules, as autocast runs)
+        assert fused.dtype == torch.bfloat16
     with torch.no_grad():
         expected = separately(conv, x, True, residual)
     torch.testing.assert_close(fused.float(), expected, rtol=2e-2, atol=5e-2)
@@ -86,6 +87,32 @@ def test_fused_conv_under_bf16_autocast_and_when_not_fused():
     set_frozen_norm_folding(conv, False)
     with torch.no_grad():
         assert torch.equal(conv.forward_fused(x, relu=True, residual=residual), exact)
+
+
+def test_bf16_fuses_only_where_onednn_has_bf16_kernels(monkeypatch):
+    """`cpu_bf16_supported()` says what oneDNN's bf16 convolution does on this CPU (runs, or
+    raises as on an AVX2-only CPU); where it says no, bf16 autocast takes the separate modules
+    while float32 still fuses."""
+    op = onednn_op("_convolution_pointwise")
+    x = torch.randn(1, 8, 7, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(16, 8, 1, 1, dtype=torch.bfloat16)
+    if onednn.cpu_bf16_supported():
+        assert op(x, weight, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "").shape[1] == 16
+    else:
+        with pytest.raises(RuntimeError):
+            op(x, weight, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+
+    monkeypatch.setattr(onednn, "cpu_bf16_supported", lambda: False)
+    conv = Conv2d(8, 16, 1, bias=False, norm=random_frozen_norm(16)).eval()
+    x = x.float()
+    with torch.no_grad():
+        assert conv._fuses_epilogue(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not conv._fuses_epilogue(x)
+            out = conv.forward_fused(x, relu=True)
+        expected = separately(conv, x, True, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("depth", [18, 50])

@@ -8,9 +8,16 @@ The ops are `torch.ops.mkldnn._linear_pointwise` and `torch.ops.mkldnn._convolut
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["cpu_compute_dtype", "onednn_fusion_available", "onednn_op"]
+__all__ = [
+    "cpu_bf16_supported",
+    "cpu_compute_dtype",
+    "onednn_fusion_available",
+    "onednn_op",
+]
 
 _OPS: dict[str, object] = {}
 
@@ -28,6 +35,19 @@ def onednn_op(name: str):
     return _OPS[name]
 
 
+@functools.cache
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN has bfloat16 kernels on this CPU (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or
+    AMX). Without them its fused ops refuse bfloat16 inputs, while torch's own convolutions and
+    linear layers still run them (slowly)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a CPU convolution or linear layer computes `x` in: autocast's while it is on."""
     if torch.is_autocast_enabled("cpu"):
@@ -36,12 +56,14 @@ def cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def onednn_fusion_available(x: torch.Tensor, op_name: str) -> bool:
-    """Whether `x` can go through the fused op: CPU, float32 or bfloat16 compute, no autograd
-    graph to record, not inside torch.compile / torch.export (they fuse by themselves)."""
+    """Whether `x` can go through the fused op: CPU, float32 compute (or bfloat16 where oneDNN
+    has bfloat16 kernels), no autograd graph to record, not inside torch.compile / torch.export
+    (they fuse by themselves)."""
+    dtype = cpu_compute_dtype(x)
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
-        and cpu_compute_dtype(x) in (torch.float32, torch.bfloat16)
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_bf16_supported()))
         and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
         and onednn_op(op_name) is not None
     )

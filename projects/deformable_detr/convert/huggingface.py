@@ -1057,12 +1057,17 @@ def hf_config(spec: HFSpec, thing_classes: Sequence[str]) -> dict[str, Any]:
 def to_huggingface(
     state: Mapping[str, torch.Tensor], spec: HFSpec
 ) -> OrderedDict[str, torch.Tensor]:
-    """Our state dict -> transformers 4.x names (every name of a shared head, own storage)."""
+    """Our state dict -> transformers 4.x names (every name of a shared head, own storage).
+    A model trained with hybrid matching keeps its training-only one-to-many queries after the
+    first `num_queries` rows of `query_embedding`; only those first rows predict, so only they
+    are written."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for hf_key, ours, block in key_pairs(spec):
         value = state[ours]
         if block is not None:
             value = value.chunk(3)[block]
+        if ours == "query_embedding.weight":
+            value = value[: spec.num_queries]
         out[hf_key] = value.detach().contiguous().clone()
     return out
 

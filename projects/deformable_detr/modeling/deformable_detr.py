@@ -51,6 +51,7 @@ class DeformableDETR(nn.Module):
         select_box_nums_for_evaluation: int = 300,
         batch_invariant_eval: bool = True,
         fast_inference: bool = True,
+        num_queries_one2many: int = 0,
     ) -> None:
         """
         Args:
@@ -68,12 +69,24 @@ class DeformableDETR(nn.Module):
                 float32 rounds the sampling locations).
             fast_inference: the eval-time fast path (see `set_fast_inference`); False runs the
                 plain computation.
+            num_queries_one2many: extra training-only queries matched one-to-many (hybrid
+                matching, Jia et al. 2023, "DETRs with Hybrid Matching"): each target is
+                repeated `criterion.one2many_repeats` times for them, so many queries per object
+                get box and class gradients early in training. The two query groups do not see
+                each other in the decoder's self-attention; eval uses the first `num_queries`
+                only, so a model trained with them predicts exactly like one without. 0: off.
 
         The caller places the model (`tools/train_net.py`: on `train.device`).
         """
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"DeformableDETR: num_classes must be >= 1, got {num_classes}")
+        if num_queries_one2many < 0 or (num_queries_one2many and as_two_stage):
+            raise ValueError(
+                f"DeformableDETR: num_queries_one2many must be >= 0 and is for learned queries "
+                f"(as_two_stage=False); got {num_queries_one2many} with "
+                f"as_two_stage={as_two_stage}"
+            )
         if as_two_stage and not with_box_refine:
             # the encoder's proposal head is the extra head box refinement builds (the official
             # code fails at the first forward without it)
@@ -89,6 +102,7 @@ class DeformableDETR(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.num_queries = num_queries
+        self.num_queries_one2many = num_queries_one2many
         self.criterion = criterion
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
@@ -105,7 +119,8 @@ class DeformableDETR(nn.Module):
                 "interpolate model.transformer.as_two_stage from model.as_two_stage)"
             )
         if not as_two_stage:
-            self.query_embedding = nn.Embedding(num_queries, embed_dim * 2)
+            # rows [0, num_queries): the one-to-one queries; the rest: one-to-many (training)
+            self.query_embedding = nn.Embedding(num_queries + num_queries_one2many, embed_dim * 2)
 
         # pixel statistics are not part of the state dict (detrex checkpoints do not carry them)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -367,9 +382,16 @@ class DeformableDETR(nn.Module):
         """Transformer and heads: class logits and normalized cxcywh boxes of the last decoder
         layer, plus `aux_outputs` (earlier layers) and `enc_outputs` (two-stage proposals)."""
         layout = self._pyramid_layout(features, masks)
-        query_embed = None if self.as_two_stage else self.query_embedding.weight
+        query_embed = self_attn_mask = None
+        hybrid = self.training and self.num_queries_one2many > 0
+        if not self.as_two_stage:
+            query_embed = self.query_embedding.weight
+            if hybrid:
+                self_attn_mask = self._group_mask(query_embed.device)
+            else:
+                query_embed = query_embed[: self.num_queries]
         states, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            features, masks, None, query_embed, layout
+            features, masks, None, query_embed, layout, self_attn_mask
         )
 
         # predictions of every decoder layer, each relative to the reference it started from
@@ -388,18 +410,39 @@ class DeformableDETR(nn.Module):
         outputs_class = torch.stack(outputs_classes)  # (layers, N, Q, num_classes)
         outputs_coord = torch.stack(outputs_coords)  # (layers, N, Q, 4) normalized cxcywh
 
-        output = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if self.aux_loss:
-            output["aux_outputs"] = [
-                {"pred_logits": c, "pred_boxes": b}
-                for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
-            ]
+        if hybrid:
+            one2many = self._layer_outputs(
+                outputs_class[:, :, self.num_queries :], outputs_coord[:, :, self.num_queries :]
+            )
+            output = self._layer_outputs(
+                outputs_class[:, :, : self.num_queries], outputs_coord[:, :, : self.num_queries]
+            )
+            output["one2many_outputs"] = one2many
+        else:
+            output = self._layer_outputs(outputs_class, outputs_coord)
         if self.as_two_stage:
             output["enc_outputs"] = {
                 "pred_logits": enc_class,
                 "pred_boxes": enc_coord_unact.sigmoid(),
             }
         return output
+
+    def _layer_outputs(self, outputs_class: torch.Tensor, outputs_coord: torch.Tensor) -> dict:
+        """The last layer's logits and boxes, and the earlier layers' as `aux_outputs`."""
+        output = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            output["aux_outputs"] = [
+                {"pred_logits": c, "pred_boxes": b}
+                for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
+            ]
+        return output
+
+    def _group_mask(self, device: torch.device) -> torch.Tensor:
+        """(Q + Q_one2many)^2 bool self-attention mask, True where a one-to-one query and a
+        one-to-many query would see each other: the groups stay independent."""
+        is_one2many = torch.arange(self.num_queries + self.num_queries_one2many, device=device)
+        is_one2many = is_one2many >= self.num_queries
+        return is_one2many[:, None] != is_one2many[None, :]
 
     def select_top_detections(
         self,
@@ -441,13 +484,14 @@ def weight_losses(
     loss_dict: dict[str, torch.Tensor], weight_dict: dict[str, float]
 ) -> dict[str, torch.Tensor]:
     """Multiply each loss by its weight. A per-layer loss (`loss_bbox_3`, `loss_class_enc`)
-    takes its own entry when `weight_dict` has one, else the weight of its base name; losses
-    with neither are left out of the total."""
+    takes its own entry when `weight_dict` has one, else the weight of its base name (the
+    one-to-many losses, `loss_giou_one2many`, `loss_bbox_2_one2many`, likewise); losses with
+    neither are left out of the total."""
     weighted = {}
     for name, value in loss_dict.items():
         weight = weight_dict.get(name)
         if weight is None:
-            weight = weight_dict.get(re.sub(r"_(\d+|enc)$", "", name))
+            weight = weight_dict.get(re.sub(r"(_(\d+|enc))?(_one2many)?$", "", name))
         if weight is not None:
             weighted[name] = value * weight
     return weighted

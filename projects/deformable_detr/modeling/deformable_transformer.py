@@ -185,15 +185,22 @@ class SelfAttention(nn.Module):
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=attn_drop, batch_first=True)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,  # (N, Q, C)
+        query_pos: torch.Tensor,  # (N, Q, C)
+        attn_mask: torch.Tensor | None = None,  # (Q, Q) bool, True: query i may not see key j
+    ) -> torch.Tensor:
         q = k = query + query_pos
         if self.fast_inference and not self.training and not torch.is_grad_enabled():
-            out = self._batch_first_attention(q, query)
+            out = self._batch_first_attention(q, query, attn_mask)
         else:
-            out = self.attn(q, k, query, need_weights=False)[0]
+            out = self.attn(q, k, query, attn_mask=attn_mask, need_weights=False)[0]
         return query + self.proj_drop(out)
 
-    def _batch_first_attention(self, qk: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _batch_first_attention(
+        self, qk: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """nn.MultiheadAttention's computation in eval (no dropout) on (N, Q, C) inputs kept
         batch-first: the module's own path projects (Q, N, C) transposed views, which for
         N > 1 under CPU autocast become batched matmuls over a weight copied Q times."""
@@ -207,7 +214,10 @@ class SelfAttention(nn.Module):
         def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, Q, C) -> (N, heads, Q, C / heads)
             return x.reshape(batch, queries, heads, channels // heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v))
+        allowed = None if attn_mask is None else ~attn_mask  # SDPA's bool mask: True attends
+        out = F.scaled_dot_product_attention(
+            split_heads(q), split_heads(k), split_heads(v), attn_mask=allowed
+        )
         out = out.transpose(1, 2).reshape(batch, queries, channels)
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
@@ -254,8 +264,9 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,  # (N, S); None: no padding
+        self_attn_mask: torch.Tensor | None = None,  # (Q, Q) bool, True: blocked
     ) -> torch.Tensor:
-        query = self.norms[0](self.attentions[0](query, query_pos))
+        query = self.norms[0](self.attentions[0](query, query_pos, self_attn_mask))
         query = self.attentions[1](
             query=query,
             value=memory,
@@ -325,6 +336,7 @@ class DeformableDetrTransformerDecoder(nn.Module):
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,  # (N, L, 2)
         memory_padding_mask: torch.Tensor | None,  # (N, S); None: no padding
+        self_attn_mask: torch.Tensor | None = None,  # (Q, Q) bool, True: query i ignores j
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (layers, N, Q, C) states and (layers, N, Q, 2 or 4) reference points, the
         references being the ones each layer's boxes are predicted relative to *after* it."""
@@ -343,6 +355,7 @@ class DeformableDetrTransformerDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 memory_padding_mask,
+                self_attn_mask,
             )
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[layer_id](query)
@@ -510,6 +523,7 @@ class DeformableDetrTransformer(nn.Module):
         multi_level_pos_embeds: list[torch.Tensor] | None,  # L x (N, C, H_l, W_l)
         query_embed: torch.Tensor | None,  # (Q, 2C) learned queries, None in two-stage mode
         layout: PyramidLayout | None = None,  # from `pyramid_layout`, when the caller has it
+        self_attn_mask: torch.Tensor | None = None,  # (Q, Q) bool for the decoder's queries
     ):
         if layout is None:
             layout = self.pyramid_layout(multi_level_masks, multi_level_pos_embeds)
@@ -574,5 +588,6 @@ class DeformableDetrTransformer(nn.Module):
             level_start_index,
             valid_ratios,
             attention_mask,
+            self_attn_mask,
         )
         return states, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

@@ -69,6 +69,9 @@ model = L(DeformableDETR)(
     embed_dim=256,
     num_classes=80,
     num_queries=300,
+    # > 0: that many training-only queries with one-to-many matching (hybrid matching; the
+    # criterion's one2many_repeats / one2many_weight); eval still uses num_queries alone
+    num_queries_one2many=0,
     aux_loss=True,
     with_box_refine=False,
     as_two_stage=False,
@@ -88,6 +91,8 @@ model = L(DeformableDETR)(
         loss_class_type="focal_loss",
         alpha=0.25,
         gamma=2.0,
+        one2many_repeats=6,
+        one2many_weight=1.0,
     ),
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
