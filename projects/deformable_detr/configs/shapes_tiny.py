@@ -66,7 +66,7 @@ model.select_box_nums_for_evaluation = 100
 model.pixel_mean = [127.5, 127.5, 127.5]
 model.pixel_std = [64.0, 64.0, 64.0]
 
-# ---- schedule: 1400 iterations at batch 8, lr x0.1 for the last tenth; `make quickstart`
+# ---- schedule: 1300 iterations at batch 8, lr x0.1 for the last tenth; `make quickstart`
 # (install included) ends within 10 minutes on a 2-core machine
 dataloader.train.total_batch_size = 8
 dataloader.evaluator.output_dir = "${train.output_dir}"
@@ -75,8 +75,8 @@ optimizer.weight_decay = 1e-4
 optimizer.foreach = True  # the multi-tensor AdamW: same arithmetic, fewer calls on the CPU
 
 train.output_dir = "./output/shapes_tiny"
-train.max_iter = 1400
-train.eval_period = 700
+train.max_iter = 1300
+train.eval_period = 650
 train.log_period = 20
 train.checkpointer.period = 500
 train.clip_grad.enabled = True
