@@ -17,10 +17,17 @@ faster). `--check` also compares the detections of fast and plain (fp32: score d
 bf16: the fast bf16 path against the plain fp32 one): top-100 detections matched by class and
 box (within 1 px), the largest box and score differences.
 
+`--limit` also prints the machine's limit for each row group: the model's multiply-adds per stage
+(fvcore, as tools/analyze_model.py counts them) divided by the rate of a large matrix product
+(2048 x 2048 x 2048) measured on the same device, dtype and threads. It is the time the stage
+would take if every multiply-add ran at that rate; deformable attention, norms and element-wise
+work are memory-bound and not in it, so the real floor sits a little above it.
+
     python benchmarks/inference.py                                   # everything (long)
     python benchmarks/inference.py --variants multi_scale --batch 1 --repeat 3
     python benchmarks/inference.py --variants multi_scale --dtypes bf16 --paths fast plain
     python benchmarks/inference.py --device cuda --batch 1 4 --dtypes fp32 bf16
+    python benchmarks/inference.py --variants multi_scale --dtypes fp32 --batch 1 --limit
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 
 from detrkit.config import LazyConfig, instantiate
 from detrkit.layers import MultiScaleDeformableAttention, ms_deform_attn_reference
+from detrkit.utils.analysis import FlopCountAnalysis, InferenceWrapper
 
 CONFIGS = "projects/deformable_detr/configs"
 VARIANTS = {
@@ -168,6 +176,47 @@ def time_path(model, inputs, args, dtype: str, device: torch.device, path: str) 
     return {name: statistics.median(values) for name, values in samples.items()}, outputs
 
 
+def matmul_rate(dtype: str, device: torch.device, size: int = 2048, repeat: int = 5) -> float:
+    """Multiply-adds per second of the best of `repeat` (size x size) @ (size x size) products
+    in `dtype` (bf16: under autocast, as the model runs) on `device`."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    clock = StageClock(device)
+    best = float("inf")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with torch.inference_mode(), autocast:
+        for i in range(repeat + 1):  # the first one warms up
+            clock.seconds = {}
+            with clock.stage("mm"):
+                torch.mm(a, b)
+            if i > 0:
+                best = min(best, clock.seconds["mm"])
+    return size**3 / best
+
+
+def count_multiply_adds(variant: str, inputs: list[dict], seed: int) -> dict[str, float]:
+    """Multiply-adds of one forward over `inputs`, per stage and in total (fvcore's trace of a
+    CPU copy of the model: the counts depend on shapes only)."""
+    model = build_model(variant, torch.device("cpu"), seed)
+    model.set_fast_inference(False)  # the fused oneDNN ops do not trace; same multiply-adds
+    images = tuple(record["image"].float() for record in inputs)
+    analysis = FlopCountAnalysis(InferenceWrapper(model), images)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad():
+        by_module = analysis.by_module()
+    counts = {
+        "backbone": by_module["model.backbone"],
+        "neck": by_module["model.neck"],
+        "encoder": by_module["model.transformer.encoder"],
+        "decoder": by_module["model.transformer.decoder"],
+        "total": analysis.total(),
+    }
+    counts["other"] = counts["total"] - sum(
+        counts[s] for s in ("backbone", "neck", "encoder", "decoder")
+    )
+    return counts
+
+
 def compare_detections(fast: list[dict], plain: list[dict], top: int = 100) -> str:
     """Per image: how many of the fast path's top-`top` detections have a plain-path detection
     of the same class in its top-`top` with every box coordinate within 1 px, the largest box
@@ -207,6 +256,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--check", action="store_true", help="compare fast and plain detections")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--limit", action="store_true",
+        help="print the machine's limit: the model's multiply-adds at the rate of a large matmul",
+    )  # fmt: skip
     args = parser.parse_args()
 
     if args.threads is not None:
@@ -244,6 +297,23 @@ def main() -> None:
                         if path != "fast" and "fast" in results:
                             row += f"  {timed['total'] / results['fast']['total']:.2f}x fast"
                         print(row, flush=True)
+                    if args.limit:
+                        rate = matmul_rate(dtype, device)
+                        macs = count_multiply_adds(variant, inputs, args.seed)
+                        row = f"{variant:<17}{dtype:<6}{batch:>5} {mode:<9}{'limit':<10}"
+                        row += "".join(
+                            f"{macs.get(s, 0.0) / rate:>12.3f}" for s in (*STAGES, "other", "total")
+                        )
+                        row += f"{batch * rate / macs['total']:>8.2f}"
+                        if "fast" in results:
+                            row += (
+                                f"  fast = {results['fast']['total'] * rate / macs['total']:.2f}x"
+                            )
+                        print(row, flush=True)
+                        print(
+                            f"  limit: {macs['total'] / 1e9:.1f} G multiply-adds at "
+                            f"{rate / 1e9:.1f} G/s ({dtype} 2048^3 matmul, same threads)"
+                        )
                     if args.check and "fast" in outputs:
                         if dtype == "bf16":  # the bf16 fast path against the plain fp32 model
                             model.set_fast_inference(False)

@@ -93,8 +93,12 @@ def assert_same_detections(fast: list, plain: list) -> None:
         )
 
 
+@pytest.mark.parametrize("blocks", ["whole", "small blocks"])
 @pytest.mark.parametrize("variant", ["single_scale", "multi_scale", "refine", "two_stage"])
-def test_fast_path_detections_equal_plain(variant):
+def test_fast_path_detections_equal_plain(variant, blocks, monkeypatch):
+    if blocks == "small blocks":  # the encoder's attention and FFNs over blocks of 16 rows
+        monkeypatch.setattr(MultiScaleDeformableAttention, "block_queries", 16)
+        monkeypatch.setattr(FFN, "block_rows", 16)
     model = tiny_model(variant)
     # one image, then a padded batch, then the first size again (a cache hit)
     for inputs in (images((96, 128)), images((96, 128), (80, 112)), images((96, 128))):
@@ -269,6 +273,40 @@ def test_bf16_autocast_keeps_the_positional_embedding_in_bf16_and_stays_close():
     assert (bf16.scores.float() - fp32.scores).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("variant", ["multi_scale", "refine"])
+def test_heads_run_in_float32_under_bf16_autocast(variant):
+    """The class and box heads compute in float32 under bf16 autocast: the outputs equal the
+    heads applied by hand to the decoder states without autocast."""
+    model = tiny_model(variant)
+    inputs = images((96, 128))
+    captured = {}
+
+    def record(module, args, output):
+        captured["states"], captured["init"], captured["inter"] = output[:3]
+
+    handle = model.transformer.register_forward_hook(record)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model.predict(*model._features_and_masks(model.preprocess_image(inputs)))
+    handle.remove()
+    states = captured["states"]
+    references = [captured["init"], *captured["inter"][:-1]]
+    with torch.no_grad():
+        last = len(references) - 1
+        state = states[last].float()
+        logits = F.linear(state, model.class_embed[last].weight, model.class_embed[last].bias)
+        delta = model.bbox_embed[last](state)
+        reference = torch.logit(references[last].float(), eps=1e-5)
+        if reference.shape[-1] == 2:  # points: the box head predicts width and height alone
+            reference = F.pad(reference, (0, 2))
+        boxes = (delta + reference).sigmoid()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = model.class_embed[last](state).float()
+    assert (autocast_logits - logits).abs().max() > 1e-4  # what the heads would give in bf16
+    assert output["pred_logits"].dtype == output["pred_boxes"].dtype == torch.float32
+    torch.testing.assert_close(output["pred_logits"], logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output["pred_boxes"], boxes, rtol=0, atol=1e-6)
+
+
 def test_batch_first_self_attention_equals_multihead_attention():
     attention = SelfAttention(embed_dim=32, num_heads=4, attn_drop=0.1, proj_drop=0.1).eval()
     with torch.no_grad():
@@ -294,18 +332,22 @@ def test_fast_inference_is_a_config_key(value):
     assert instantiate(cfg.model).fast_inference is value
 
 
+@pytest.mark.parametrize("block_queries", [1024, 4])  # 9 queries: one block; 4 + 4 + 1
 @pytest.mark.parametrize("reference_kind", ["points", "boxes"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("padded", [True, False])
-def test_fused_deformable_attention_equals_its_formula(reference_kind, batch_first, padded, gen):
+def test_fused_deformable_attention_equals_its_formula(
+    reference_kind, batch_first, padded, block_queries, gen
+):
     """The eval fusion (offsets and logits from one matmul with the level sizes folded in; the
-    output projection with the residual in one oneDNN call) against the formula written out
-    with the pure-PyTorch reference op; the plain path is checked against it too."""
+    output projection accumulated onto the residual in one call; queries in blocks) against the
+    formula written out with the pure-PyTorch reference op; the plain path is checked too."""
     N, Lq, C, M, L, P = 2, 9, 32, 4, 3, 2
     shapes = torch.tensor([[6, 7], [3, 4], [2, 2]])
     starts = torch.tensor([0, 42, 54])
     S = int((shapes[:, 0] * shapes[:, 1]).sum())
     attention = MultiScaleDeformableAttention(C, M, L, P, dropout=0.1, batch_first=batch_first)
+    attention.block_queries = block_queries
     attention.eval()
     with torch.no_grad():
         for p in attention.parameters():

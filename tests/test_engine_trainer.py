@@ -139,6 +139,20 @@ def test_bf16_autocast_trains_on_cpu():
     assert "grad_scaler" not in trainer.state_dict()
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_that_it_is_slow(kernels, monkeypatch):
+    import detrkit.engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_bf16_supported", lambda: kernels)
+    with capture_logs("detrkit.engine.trainer") as records:
+        trainer = make_trainer(amp=True, amp_dtype="bfloat16")
+    assert trainer.amp_dtype == torch.bfloat16
+    slow = [r.getMessage() for r in records if "no oneDNN bfloat16 kernels" in r.getMessage()]
+    assert len(slow) == (0 if kernels else 1)
+    if slow:
+        assert "train.amp.enabled=False" in slow[0]  # what to do instead
+
+
 def test_fp16_on_cpu_falls_back_to_bf16_with_a_warning():
     with capture_logs("detrkit.engine.trainer") as records:
         trainer = make_trainer(amp=True, amp_dtype="float16")

@@ -1,5 +1,6 @@
-"""The eval-time oneDNN fusion of FFN (Linear with bias and ReLU in one call) against the FFN's
-computation written out with torch.nn.functional, on fresh random weights and inputs."""
+"""The eval-time CPU fast paths of FFN against its computation written out with
+torch.nn.functional, on fresh random weights and inputs: row blocks in float32, oneDNN's fused
+calls (Linear with bias and ReLU in one call) in bfloat16."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def written_out(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, last.weight, last.bias)
 
 
+# every FFN shape the tests cover, with and without the residual
+FFN_CASES = pytest.mark.parametrize(
+    "kwargs, with_identity",
+    [
+        (kwargs, with_identity)
+        for kwargs in (
+            {"embed_dim": 16, "feedforward_dim": 48},
+            {"embed_dim": 8, "feedforward_dim": 24, "output_dim": 5, "num_fcs": 3},
+            {"embed_dim": 8, "feedforward_dim": 24, "activation": nn.GELU},
+        )
+        for with_identity in (False, True)
+    ],
+)
+
+
 def random_ffn(**kwargs) -> FFN:
     ffn = FFN(**kwargs).eval()
     with torch.no_grad():
@@ -35,16 +51,28 @@ def random_ffn(**kwargs) -> FFN:
     return ffn
 
 
-@pytest.mark.parametrize("with_identity", [False, True])
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"embed_dim": 16, "feedforward_dim": 48},
-        {"embed_dim": 8, "feedforward_dim": 24, "output_dim": 5, "num_fcs": 3},
-        {"embed_dim": 8, "feedforward_dim": 24, "activation": nn.GELU},
-    ],
-)
-def test_fused_ffn_equals_the_written_out_computation(kwargs, with_identity, monkeypatch):
+@FFN_CASES
+@pytest.mark.parametrize("block_rows", [5, 1024])  # 74 rows: 15 blocks, the last of 4; one
+def test_float32_row_blocks_equal_the_written_out_computation(kwargs, with_identity, block_rows):
+    ffn = random_ffn(**kwargs)
+    ffn.block_rows = block_rows
+    x = torch.randn(2, 37, ffn.embed_dim)
+    identity = torch.randn(2, 37, ffn.output_dim) if with_identity else None
+    identity_before = None if identity is None else identity.clone()
+    with torch.no_grad():
+        expected = written_out(ffn, x)
+        if with_identity:
+            expected = expected + identity
+        blocked = ffn(x, identity=identity)
+        assert torch.equal(blocked, ffn._blocked_forward(x, identity))  # the path it took
+    torch.testing.assert_close(blocked, expected, rtol=1e-5, atol=1e-4)
+    if with_identity:
+        assert torch.equal(identity, identity_before)  # the residual is not written into
+
+
+@FFN_CASES
+def test_onednn_fused_calls_equal_the_written_out_computation(kwargs, with_identity, monkeypatch):
+    """The bfloat16 path's oneDNN calls, run in float32 (which every CPU has kernels for)."""
     ffn = random_ffn(**kwargs)
     x = torch.randn(2, 37, ffn.embed_dim)
     identity = torch.randn(2, 37, ffn.output_dim) if with_identity else None
@@ -65,7 +93,7 @@ def test_fused_ffn_equals_the_written_out_computation(kwargs, with_identity, mon
         expected = written_out(ffn, x)
         if with_identity:
             expected = expected + identity
-        fused = ffn(x, identity=identity)
+        fused = ffn._fused_forward(x, identity)
     assert len(calls) == ffn.num_fcs  # every Linear went through the fused call
     relu = isinstance(ffn.layers[0][1], nn.ReLU)
     assert calls[0] == ("relu" if relu else "none")

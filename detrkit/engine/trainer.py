@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detrkit.config import ConfigError
+from detrkit.layers.onednn import cpu_bf16_supported
 from detrkit.utils import comm
 
 from .events import EventStorage
@@ -199,6 +200,12 @@ def _resolve_amp_dtype(amp_dtype: str | torch.dtype | None, device_type: str) ->
             device_type,
         )
         dtype = torch.bfloat16
+    if device_type == "cpu" and dtype == torch.bfloat16 and not cpu_bf16_supported():
+        logger.warning(
+            "train.amp: this CPU has no oneDNN bfloat16 kernels (they need AVX-512 BF16, "
+            "AVX-NE-CONVERT or AMX), so bfloat16 autocast runs several times slower than "
+            "float32; train.amp.enabled=False is faster here"
+        )
     return dtype
 
 

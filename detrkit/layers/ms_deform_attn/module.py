@@ -31,8 +31,8 @@ class MultiScaleDeformableAttention(nn.Module):
     """
 
     # eval without autograd: offsets and attention logits from one matmul whose offset rows are
-    # divided by their level's size beforehand, and on the CPU the output projection with the
-    # residual sum in one oneDNN call; False computes exactly the plain formula
+    # divided by their level's size beforehand, and on the CPU the output projection accumulated
+    # onto the residual in one call and many queries in blocks; False: exactly the plain formula
     fuse_inference: bool = True
 
     def __init__(
@@ -156,14 +156,11 @@ class MultiScaleDeformableAttention(nn.Module):
             value = query
         if identity is None:
             identity = query
-        if query_pos is not None:
-            query = query + query_pos
         if not self.batch_first:
-            query = query.transpose(0, 1)
-            value = value.transpose(0, 1)
+            query, value = query.transpose(0, 1), value.transpose(0, 1)
+            query_pos = None if query_pos is None else query_pos.transpose(0, 1)
         N, Lq, _ = query.shape
         S = value.shape[1]
-        L, P, M = self.num_levels, self.num_points, self.num_heads
         self._check_own_inputs(N, Lq, S, reference_points, spatial_shapes, key_padding_mask)
         if level_start_index is None:
             sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
@@ -172,15 +169,53 @@ class MultiScaleDeformableAttention(nn.Module):
         value = self.value_proj(value)
         if key_padding_mask is not None:
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
-        value = value.view(N, S, M, -1)
+        value = value.view(N, S, self.num_heads, -1)
 
+        fused = self._fuses()
+        if fused and self._projects_on_cpu(query, identity):
+            if Lq > self.block_queries:
+                return self._blocked_forward(
+                    query, query_pos, identity, value, reference_points, spatial_shapes,
+                    level_start_index,
+                )  # fmt: skip
+            sampled = self._sample(
+                query, query_pos, value, reference_points, spatial_shapes, level_start_index, fused
+            )
+            return self._project_onto(sampled, identity)
+        sampled = self._sample(
+            query, query_pos, value, reference_points, spatial_shapes, level_start_index, fused
+        )
+        output = self.output_proj(sampled)
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        return identity + self.dropout(output)
+
+    # queries per block of the CPU eval path: a block's offsets, weights and sampling
+    # locations stay in cache from the matmul that makes them to the kernel that reads them
+    block_queries: int = 1024
+
+    def _sample(
+        self,
+        query: Tensor,  # (N, Lq, C)
+        query_pos: Tensor | None,  # (N, Lq, C)
+        value: Tensor,  # (N, S, M, C / M), projected
+        reference_points: Tensor,  # (N, Lq, L or 1, 2 or 4)
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        fused: bool,
+    ) -> Tensor:
+        """The attention-weighted samples of `value` for each query, before the output
+        projection: (N, Lq, C)."""
+        if query_pos is not None:
+            query = query + query_pos
+        N, Lq, _ = query.shape
+        L, P, M = self.num_levels, self.num_points, self.num_heads
         # Locations and weights stay float32 when value is half (autocast) so sampling positions
         # keep their precision; float64 models keep float64.
         loc_dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
         points = reference_points.shape[-1] == 2
         # offsets are in pixels of each level (x / W_l, y / H_l) for points
         normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(loc_dtype)
-        fused = self._fuses()
         if fused:
             offsets, logits = self._offsets_and_logits(query, normalizer if points else None)
         else:
@@ -204,33 +239,71 @@ class MultiScaleDeformableAttention(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-
-        output = ms_deform_attn(
+        return ms_deform_attn(
             value.contiguous(),
             spatial_shapes.contiguous(),
             level_start_index.contiguous(),
             sampling_locations.contiguous(),
             attention_weights.contiguous(),
         )
-        if (
-            fused
-            and self.batch_first
-            and onednn_fusion_available(output, "_linear_pointwise")
-            and cpu_compute_dtype(output) == identity.dtype  # a half sum would lose precision
-        ):
-            # dropout is the identity in eval: identity + output_proj(output) in one call
-            dtype = identity.dtype
-            return onednn_op("_linear_pointwise").binary(
-                output.to(dtype),
-                identity.to(dtype).contiguous(),
-                self.output_proj.weight.to(dtype),
-                self.output_proj.bias.to(dtype),
-                "add",
-            )
-        output = self.output_proj(output)
-        if not self.batch_first:
-            output = output.transpose(0, 1)
-        return identity + self.dropout(output)
+
+    def _projects_on_cpu(self, query: Tensor, identity: Tensor) -> bool:
+        """Whether eval can project with the residual in one call (`_project_onto`): batch-first,
+        a CPU the oneDNN ops run on, and the residual in the compute dtype (a half sum would
+        lose precision)."""
+        return (
+            self.batch_first
+            and onednn_fusion_available(query, "_linear_pointwise")
+            and cpu_compute_dtype(query) == identity.dtype
+        )
+
+    def _project_onto(self, sampled: Tensor, identity: Tensor, out: Tensor | None = None):
+        """identity + output_proj(sampled) (dropout is the identity in eval), into `out` when
+        given: float32 by MKL's matmul accumulating onto identity + bias, bfloat16 by one oneDNN
+        call."""
+        weight, bias = self.output_proj.weight, self.output_proj.bias
+        if identity.dtype == torch.float32:
+            out = identity.new_empty(identity.shape) if out is None else out  # contiguous
+            torch.add(identity, bias, out=out)  # (N, Lq, C)
+            out.view(-1, out.shape[-1]).addmm_(sampled.reshape(-1, sampled.shape[-1]), weight.t())
+            return out
+        dtype = identity.dtype
+        projected = onednn_op("_linear_pointwise").binary(
+            sampled.to(dtype), identity.contiguous(), weight.to(dtype), bias.to(dtype), "add"
+        )
+        return projected if out is None else out.copy_(projected)
+
+    def _blocked_forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        identity: Tensor,
+        value: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+    ) -> Tensor:
+        """Eval on the CPU with many queries (the encoder's ~18k tokens): the forward above for
+        one image and `block_queries` queries at a time, each block's offsets, weights and
+        locations made and consumed while in cache. Queries attend independently, so the result
+        is the unblocked one."""
+        query, identity = query.contiguous(), identity.contiguous()
+        out = torch.empty_like(identity)
+        for n in range(query.shape[0]):
+            image = slice(n, n + 1)
+            for start in range(0, query.shape[1], self.block_queries):
+                rows = slice(start, start + self.block_queries)
+                sampled = self._sample(
+                    query[image, rows],
+                    None if query_pos is None else query_pos[image, rows],
+                    value[image],
+                    reference_points[image, rows],
+                    spatial_shapes,
+                    level_start_index,
+                    fused=True,
+                )
+                self._project_onto(sampled, identity[image, rows], out=out[image, rows])
+        return out
 
     def _fuses(self) -> bool:
         return (

@@ -10,6 +10,7 @@ Variants: single scale (one level), single scale DC5, multi-scale, + iterative b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -30,6 +31,19 @@ from detrkit.modeling import set_frozen_norm_folding
 from detrkit.structures import Boxes, ImageList, Instances
 
 from .deformable_transformer import PyramidLayout, SelfAttention
+
+
+def _autocast_off(device_type: str):
+    """A context without autocast; a no-op one where autocast is off already (so that tracing
+    and export see no autocast region)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (autocast) as float32; float32 and float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class DeformableDETR(nn.Module):
@@ -167,14 +181,15 @@ class DeformableDETR(nn.Module):
         """Turn the eval-time fast path on (the default) or off; returns the model.
 
         On: FrozenBatchNorm2d folded into the convolutions before it, backbone and neck in
-        channels-last memory format, oneDNN calls with the bias, ReLU and residual sum fused in
-        (ResNet blocks, FFNs, the deformable attention's output projection; CPU), the deformable
-        attention's offsets and attention logits from one matmul with the level sizes folded in,
-        the decoder's self-attention projected batch-first, and the pyramid layout (positional
-        embeddings, valid ratios, reference points, `PyramidLayout`) computed once per feature
-        size and padding mask and reused while neither they nor the level embeddings change;
-        unpadded batches skip the attention's masking, and under autocast the positional
-        embedding is kept in the features' dtype. Training never uses it. Off: the plain
+        channels-last memory format; on the CPU, oneDNN calls with the bias, ReLU and residual
+        sum fused in (ResNet blocks, bfloat16 FFNs), float32 FFNs over blocks of rows that stay
+        in cache, the deformable attention's output projection accumulated onto its residual;
+        the attention's offsets and attention logits from one matmul with the level sizes
+        folded in, the decoder's self-attention projected batch-first, and the pyramid layout
+        (positional embeddings, valid ratios, reference points, `PyramidLayout`) computed once
+        per feature size and padding mask and reused while neither they nor the level
+        embeddings change; unpadded batches skip the attention's masking, and under autocast the
+        positional embedding is kept in the features' dtype. Training never uses it. Off: the plain
         computation, bit for bit what the model computes without these rewrites.
         """
         self.fast_inference = bool(enabled)
@@ -394,19 +409,23 @@ class DeformableDETR(nn.Module):
             features, masks, None, query_embed, layout, self_attn_mask
         )
 
-        # predictions of every decoder layer, each relative to the reference it started from
+        # predictions of every decoder layer, each relative to the reference it started from;
+        # in float32 under autocast too: the heads are ~0.2% of the multiply-adds, and a
+        # bfloat16 box (8-bit mantissa) is only good to ~2 px on an 800-pixel side
         outputs_classes, outputs_coords = [], []
-        for lvl in range(states.shape[0]):
-            reference = init_reference if lvl == 0 else inter_references[lvl - 1]
-            reference = inverse_sigmoid(reference)
-            outputs_class = self.class_embed[lvl](states[lvl])
-            delta = self.bbox_embed[lvl](states[lvl])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_classes.append(outputs_class)
-            outputs_coords.append(coord.sigmoid())
+        with _autocast_off(states.device.type):
+            for lvl in range(states.shape[0]):
+                reference = init_reference if lvl == 0 else inter_references[lvl - 1]
+                reference = inverse_sigmoid(_at_least_float32(reference))
+                state = _at_least_float32(states[lvl])
+                outputs_class = self.class_embed[lvl](state)
+                delta = self.bbox_embed[lvl](state)
+                if reference.shape[-1] == 4:
+                    coord = delta + reference
+                else:
+                    coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+                outputs_classes.append(outputs_class)
+                outputs_coords.append(coord.sigmoid())
         outputs_class = torch.stack(outputs_classes)  # (layers, N, Q, num_classes)
         outputs_coord = torch.stack(outputs_coords)  # (layers, N, Q, 4) normalized cxcywh
 
