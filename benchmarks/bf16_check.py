@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import statistics
+import sys
 
 import torch
 
@@ -24,17 +26,17 @@ from detrkit.config import LazyConfig
 from detrkit.data.detection_utils import read_image
 from detrkit.engine.defaults import DefaultPredictor
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling inference.py
+from inference import match_detections
+
 
 def agreement(bf16, fp32, top: int = 100) -> tuple[int, int, float]:
-    """(matched, compared, highest score of an unmatched bf16 detection or 0)."""
-    boxes_a = bf16.pred_boxes.tensor[:top].float()
-    boxes_b = fp32.pred_boxes.tensor[:top].float()
-    distance = (boxes_a[:, None] - boxes_b[None]).abs().amax(-1)  # (top, top) pixels
-    distance[bf16.pred_classes[:top, None] != fp32.pred_classes[None, :top]] = float("inf")
-    matched = distance.min(1).values <= 1.0
+    """(matched, compared, highest score of an unmatched bf16 detection or 0), matched as
+    `benchmarks/inference.py` matches (same class, every box coordinate within 1 px)."""
+    matched, _, _ = match_detections(bf16, fp32, top)
     unmatched_scores = bf16.scores[:top].float()[~matched]
     worst = unmatched_scores.max().item() if len(unmatched_scores) else 0.0
-    return int(matched.sum()), len(boxes_a), worst
+    return int(matched.sum()), len(matched), worst
 
 
 def main(argv: list[str] | None = None) -> None:

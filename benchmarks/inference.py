@@ -217,6 +217,17 @@ def count_multiply_adds(variant: str, inputs: list[dict], seed: int) -> dict[str
     return counts
 
 
+def match_detections(a, b, top: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of the top-`top` detections of Instances `a`: whether b's top-`top` holds one of
+    the same class with every box coordinate within 1 px, the index of the nearest such one,
+    and its largest coordinate difference (inf where the class has none)."""
+    boxes_a, boxes_b = a.pred_boxes.tensor[:top].float(), b.pred_boxes.tensor[:top].float()
+    distance = (boxes_a[:, None] - boxes_b[None]).abs().amax(-1)  # (top, top) pixels
+    distance[a.pred_classes[:top, None] != b.pred_classes[None, :top]] = float("inf")
+    nearest, index = distance.min(1)
+    return nearest <= 1.0, index, nearest
+
+
 def compare_detections(fast: list[dict], plain: list[dict], top: int = 100) -> str:
     """Per image: how many of the fast path's top-`top` detections have a plain-path detection
     of the same class in its top-`top` with every box coordinate within 1 px, the largest box
@@ -224,16 +235,12 @@ def compare_detections(fast: list[dict], plain: list[dict], top: int = 100) -> s
     lines = []
     for i, (a, b) in enumerate(zip(fast, plain)):
         a, b = a["instances"], b["instances"]
-        boxes_a, boxes_b = a.pred_boxes.tensor[:top].float(), b.pred_boxes.tensor[:top].float()
-        distance = (boxes_a[:, None] - boxes_b[None]).abs().amax(-1)  # (top, top) pixels
-        distance[a.pred_classes[:top, None] != b.pred_classes[None, :top]] = float("inf")
-        nearest, index = distance.min(1)
-        matched = nearest <= 1.0
+        matched, index, nearest = match_detections(a, b, top)
         score_diff = (a.scores[:top].float() - b.scores[:top].float()[index]).abs()[matched]
         worst_box = nearest[matched].max().item() if matched.any() else float("nan")
         worst_score = score_diff.max().item() if matched.any() else float("nan")
         lines.append(
-            f"image {i}: {int(matched.sum())}/{len(boxes_a)} matched (same class, box within "
+            f"image {i}: {int(matched.sum())}/{len(matched)} matched (same class, box within "
             f"1 px), max box diff {worst_box:.3f} px, max score diff {worst_score:.1e}"
         )
     return "; ".join(lines)

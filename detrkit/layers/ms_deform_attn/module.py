@@ -173,15 +173,10 @@ class MultiScaleDeformableAttention(nn.Module):
 
         fused = self._fuses()
         if fused and self._projects_on_cpu(query, identity):
-            if Lq > self.block_queries:
-                return self._blocked_forward(
-                    query, query_pos, identity, value, reference_points, spatial_shapes,
-                    level_start_index,
-                )  # fmt: skip
-            sampled = self._sample(
-                query, query_pos, value, reference_points, spatial_shapes, level_start_index, fused
-            )
-            return self._project_onto(sampled, identity)
+            return self._blocked_forward(
+                query, query_pos, identity, value, reference_points, spatial_shapes,
+                level_start_index,
+            )  # fmt: skip
         sampled = self._sample(
             query, query_pos, value, reference_points, spatial_shapes, level_start_index, fused
         )
@@ -257,21 +252,21 @@ class MultiScaleDeformableAttention(nn.Module):
             and cpu_compute_dtype(query) == identity.dtype
         )
 
-    def _project_onto(self, sampled: Tensor, identity: Tensor, out: Tensor | None = None):
-        """identity + output_proj(sampled) (dropout is the identity in eval), into `out` when
-        given: float32 by MKL's matmul accumulating onto identity + bias, bfloat16 by one oneDNN
-        call."""
+    def _project_onto(self, sampled: Tensor, identity: Tensor, out: Tensor) -> None:
+        """out = identity + output_proj(sampled) (dropout is the identity in eval), `out`
+        contiguous: float32 by MKL's matmul accumulating onto identity + bias, bfloat16 by one
+        oneDNN call."""
         weight, bias = self.output_proj.weight, self.output_proj.bias
         if identity.dtype == torch.float32:
-            out = identity.new_empty(identity.shape) if out is None else out  # contiguous
             torch.add(identity, bias, out=out)  # (N, Lq, C)
             out.view(-1, out.shape[-1]).addmm_(sampled.reshape(-1, sampled.shape[-1]), weight.t())
-            return out
+            return
         dtype = identity.dtype
-        projected = onednn_op("_linear_pointwise").binary(
-            sampled.to(dtype), identity.contiguous(), weight.to(dtype), bias.to(dtype), "add"
+        out.copy_(
+            onednn_op("_linear_pointwise").binary(
+                sampled.to(dtype), identity.contiguous(), weight.to(dtype), bias.to(dtype), "add"
+            )
         )
-        return projected if out is None else out.copy_(projected)
 
     def _blocked_forward(
         self,
@@ -283,10 +278,10 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
     ) -> Tensor:
-        """Eval on the CPU with many queries (the encoder's ~18k tokens): the forward above for
-        one image and `block_queries` queries at a time, each block's offsets, weights and
-        locations made and consumed while in cache. Queries attend independently, so the result
-        is the unblocked one."""
+        """Eval on the CPU: the forward above for one image and at most `block_queries` queries
+        at a time; with many queries (the encoder's ~18k tokens) each block's offsets, weights
+        and locations are made and consumed while in cache. Queries attend independently, so
+        the result is the unblocked one."""
         query, identity = query.contiguous(), identity.contiguous()
         out = torch.empty_like(identity)
         for n in range(query.shape[0]):

@@ -41,11 +41,6 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """float16 / bfloat16 (autocast) as float32; float32 and float64 as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class DeformableDETR(nn.Module):
     def __init__(
         self,
@@ -413,11 +408,12 @@ class DeformableDETR(nn.Module):
         # in float32 under autocast too: the heads are ~0.2% of the multiply-adds, and a
         # bfloat16 box (8-bit mantissa) is only good to ~2 px on an 800-pixel side
         outputs_classes, outputs_coords = [], []
+        head_dtype = torch.promote_types(states.dtype, torch.float32)  # float64 stays
         with _autocast_off(states.device.type):
             for lvl in range(states.shape[0]):
                 reference = init_reference if lvl == 0 else inter_references[lvl - 1]
-                reference = inverse_sigmoid(_at_least_float32(reference))
-                state = _at_least_float32(states[lvl])
+                reference = inverse_sigmoid(reference.to(head_dtype))
+                state = states[lvl].to(head_dtype)
                 outputs_class = self.class_embed[lvl](state)
                 delta = self.bbox_embed[lvl](state)
                 if reference.shape[-1] == 4:
