@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     files = sorted(glob.glob(args.images))[: args.count]
     if not files:
         raise SystemExit(f"--images {args.images!r} matches no file")
+    if not os.path.isfile(args.weights):
+        raise SystemExit(f"--weights {args.weights!r}: no such file (a detrkit checkpoint)")
     cfg = LazyConfig.load(args.config_file)
     cfg.train.init_checkpoint = args.weights
     cfg.train.device = args.device

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from detrkit.data import generate_shapes_dataset
@@ -85,3 +86,16 @@ def test_bf16_check_runs_on_a_checkpoint(tmp_path, capsys):
     for line in lines[:2]:
         matched, compared = map(int, re.search(r": (\d+)/(\d+) matched", line).groups())
         assert 0 <= matched <= compared <= 100
+
+
+def test_bf16_check_names_a_missing_checkpoint(tmp_path):
+    generate_shapes_dataset(str(tmp_path / "shapes"), "val", 1, image_size=((80, 100), (80, 100)))
+    script = load_script(REPO_ROOT / "benchmarks" / "bf16_check.py", "bf16_check_under_test")
+    missing = str(tmp_path / "nowhere.pth")
+    with pytest.raises(SystemExit, match=r"--weights .*nowhere\.pth.*no such file"):
+        script.main(
+            [
+                "--config-file", str(SHAPES_TINY), "--weights", missing,
+                "--images", str(tmp_path / "shapes" / "val" / "*.jpg"),
+            ]
+        )  # fmt: skip

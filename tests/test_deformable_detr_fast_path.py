@@ -307,6 +307,52 @@ def test_heads_run_in_float32_under_bf16_autocast(variant):
     torch.testing.assert_close(output["pred_boxes"], boxes, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["multi_scale", "refine", "two_stage"])
+def test_reference_boxes_are_float32_under_bf16_autocast(variant):
+    """Under bf16 autocast the reference points, the decoder's refined boxes and the two-stage
+    proposals come from their heads computed in float32: they equal the heads applied by hand,
+    without autocast, to what the bf16 layers before them produced."""
+    model = tiny_model(variant)
+    inputs = images((96, 128))
+    captured = {}
+
+    def record(module, args, output):
+        captured["states"], captured["init"], captured["inter"] = output[:3]
+
+    handle = model.transformer.register_forward_hook(record)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model.predict(*model._features_and_masks(model.preprocess_image(inputs)))
+    handle.remove()
+    states, init, inter = captured["states"], captured["init"], captured["inter"]
+    assert init.dtype == inter.dtype == torch.float32
+
+    def box_head(head, state):  # the MLP written out in float32
+        x = state.float()
+        for i, layer in enumerate(head.layers):
+            x = F.linear(x, layer.weight, layer.bias)
+            x = x.relu() if i < len(head.layers) - 1 else x
+        return x
+
+    with torch.no_grad():
+        if variant == "two_stage":
+            enc = output["enc_outputs"]
+            assert enc["pred_logits"].dtype == enc["pred_boxes"].dtype == torch.float32
+        else:
+            query_pos = model.query_embedding.weight[: model.num_queries, : model.embed_dim]
+            linear = model.transformer.reference_points
+            expected = F.linear(query_pos, linear.weight, linear.bias).sigmoid().expand_as(init)
+            torch.testing.assert_close(init, expected, rtol=0, atol=1e-6)
+        if variant != "multi_scale":  # refined: each layer's boxes from the one before
+            references = [init, *inter]
+            for layer in range(len(inter)):
+                delta = box_head(model.bbox_embed[layer], states[layer])
+                reference = torch.logit(references[layer], eps=1e-5)
+                if reference.shape[-1] == 2:  # points: the head's size is used as it is
+                    reference = F.pad(reference, (0, 2))
+                expected = (delta + reference).sigmoid()
+                torch.testing.assert_close(inter[layer], expected, rtol=0, atol=1e-5)
+
+
 def test_batch_first_self_attention_equals_multihead_attention():
     attention = SelfAttention(embed_dim=32, num_heads=4, attn_drop=0.1, proj_drop=0.1).eval()
     with torch.no_grad():

@@ -107,9 +107,55 @@ def test_fused_ffn_under_bf16_autocast_matches_autocast_linears():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = ffn(x, identity=x)
         expected = x + written_out(ffn, x)
-    if onednn.cpu_bf16_supported():  # fused in bf16 (else the modules, as autocast runs them)
-        assert fused.dtype == torch.bfloat16
-    torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=5e-2)
+    assert fused.dtype == expected.dtype == torch.float32  # the float32 residual's dtype
+    torch.testing.assert_close(fused, expected, rtol=2e-2, atol=5e-2)
+
+
+class Bf16LinearPointwise:
+    """oneDNN's `_linear_pointwise` written with F.linear, for CPUs whose oneDNN has no bf16
+    kernels (there the fused bf16 path is never taken, but its dtype handling is tested)."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __call__(self, x, weight, bias, attr, scalars, algorithm):
+        self.calls.append((attr, x.dtype))
+        out = F.linear(x, weight, bias)
+        return out.relu() if attr == "relu" else out
+
+    def binary(self, x, other, weight, bias, attr):
+        self.calls.append((f"binary {attr}", other.dtype))
+        return F.linear(x, weight, bias) + other
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_fused_ffn_sums_the_residual_in_its_own_dtype(residual_dtype, monkeypatch):
+    """Under bf16 autocast the branch runs in bf16; a float32 residual (autocast's LayerNorm
+    output) is summed in float32 as autocast's `identity + linear(x)` sums it, a bf16 one in
+    the last oneDNN call. Residuals near 1000 make a bf16 rounding of the sum (steps of 4)
+    visible next to the branch's own bf16 error."""
+    calls = []
+    if not onednn.cpu_bf16_supported():
+        monkeypatch.setattr(onednn, "cpu_bf16_supported", lambda: True)
+        monkeypatch.setitem(onednn._OPS, "_linear_pointwise", Bf16LinearPointwise(calls))
+    ffn = random_ffn(embed_dim=16, feedforward_dim=32)
+    x = torch.randn(2, 9, 16)
+    identity = (1000.0 + torch.randn(2, 9, 16)).to(residual_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ffn(x, identity=identity)
+        branch = written_out(ffn, x)  # bf16 Linears, as autocast runs them
+    assert branch.dtype == torch.bfloat16
+    assert out.dtype == residual_dtype
+    expected = identity.double() + branch.double()
+    tolerance = 0.5 if residual_dtype == torch.float32 else 4.0  # bf16 steps near 1000: 4
+    assert (out.double() - expected).abs().max() <= tolerance
+    if calls:  # the stand-in ran: which calls, on which dtypes
+        last = (
+            ("none", torch.bfloat16)
+            if residual_dtype == torch.float32
+            else ("binary add", torch.bfloat16)
+        )
+        assert calls == [("relu", torch.bfloat16), last]
 
 
 def test_training_grad_and_switched_off_run_the_modules():

@@ -18,6 +18,7 @@ from .ms_deform_attn import (
     ms_deform_attn_reference,
 )
 from .position_embedding import PositionEmbeddingSine
+from .precision import float32_forward
 from .shape_spec import ShapeSpec
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_iou",
     "box_xyxy_to_cxcywh",
+    "float32_forward",
     "generalized_box_iou",
     "inverse_sigmoid",
     "ms_deform_attn",

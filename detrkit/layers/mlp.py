@@ -166,8 +166,8 @@ class FFN(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor, identity: torch.Tensor | None) -> torch.Tensor:
         """bfloat16 eval (autocast, where oneDNN has bf16 kernels): each Linear as one oneDNN
-        call with its bias and ReLU, the residual sum in the last one's call; the same
-        computation as `self.layers` (+ identity) in the dtype autocast would use."""
+        call with its bias and ReLU, a bfloat16 residual summed in the last one's call; the
+        same computation as `self.layers` (+ identity) in the dtypes autocast would use."""
         linear_pointwise = onednn_op("_linear_pointwise")
         dtype = cpu_compute_dtype(x)
         x = x.to(dtype)
@@ -180,7 +180,11 @@ class FFN(nn.Module):
         weight, bias = last.weight.to(dtype), last.bias.to(dtype)
         if identity is None:
             return linear_pointwise(x, weight, bias, "none", [], "")
-        return linear_pointwise.binary(x, identity.to(dtype).contiguous(), weight, bias, "add")
+        if identity.dtype != dtype:
+            # a float32 residual stays float32, as autocast's `identity + linear(x)` keeps it:
+            # a bfloat16 sum would round the residual stream at every layer
+            return identity + linear_pointwise(x, weight, bias, "none", [], "")
+        return linear_pointwise.binary(x, identity.contiguous(), weight, bias, "add")
 
 
 def set_ffn_fusion(module: nn.Module, enabled: bool) -> nn.Module:

@@ -10,7 +10,6 @@ Variants: single scale (one level), single scale DC5, multi-scale, + iterative b
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import re
@@ -24,6 +23,7 @@ from detrkit.layers import (
     MultiScaleDeformableAttention,
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
+    float32_forward,
     inverse_sigmoid,
 )
 from detrkit.layers.mlp import set_ffn_fusion
@@ -31,14 +31,6 @@ from detrkit.modeling import set_frozen_norm_folding
 from detrkit.structures import Boxes, ImageList, Instances
 
 from .deformable_transformer import PyramidLayout, SelfAttention
-
-
-def _autocast_off(device_type: str):
-    """A context without autocast; a no-op one where autocast is off already (so that tracing
-    and export see no autocast region)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class DeformableDETR(nn.Module):
@@ -405,23 +397,19 @@ class DeformableDETR(nn.Module):
         )
 
         # predictions of every decoder layer, each relative to the reference it started from;
-        # in float32 under autocast too: the heads are ~0.2% of the multiply-adds, and a
-        # bfloat16 box (8-bit mantissa) is only good to ~2 px on an 800-pixel side
+        # the heads in float32 under autocast (detrkit.layers.precision): they are ~0.2% of the
+        # multiply-adds, and the references they refine are float32 already
         outputs_classes, outputs_coords = [], []
-        head_dtype = torch.promote_types(states.dtype, torch.float32)  # float64 stays
-        with _autocast_off(states.device.type):
-            for lvl in range(states.shape[0]):
-                reference = init_reference if lvl == 0 else inter_references[lvl - 1]
-                reference = inverse_sigmoid(reference.to(head_dtype))
-                state = states[lvl].to(head_dtype)
-                outputs_class = self.class_embed[lvl](state)
-                delta = self.bbox_embed[lvl](state)
-                if reference.shape[-1] == 4:
-                    coord = delta + reference
-                else:
-                    coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-                outputs_classes.append(outputs_class)
-                outputs_coords.append(coord.sigmoid())
+        for lvl in range(states.shape[0]):
+            reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
+            outputs_class = float32_forward(self.class_embed[lvl], states[lvl])
+            delta = float32_forward(self.bbox_embed[lvl], states[lvl])
+            if reference.shape[-1] == 4:
+                coord = delta + reference
+            else:
+                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            outputs_classes.append(outputs_class)
+            outputs_coords.append(coord.sigmoid())
         outputs_class = torch.stack(outputs_classes)  # (layers, N, Q, num_classes)
         outputs_coord = torch.stack(outputs_coords)  # (layers, N, Q, 4) normalized cxcywh
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detrkit.layers import FFN, MultiScaleDeformableAttention, inverse_sigmoid
+from detrkit.layers import FFN, MultiScaleDeformableAttention, float32_forward, inverse_sigmoid
 
 
 def _shape_list(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list:
@@ -358,7 +358,7 @@ class DeformableDetrTransformerDecoder(nn.Module):
                 self_attn_mask,
             )
             if self.bbox_embed is not None:
-                delta = self.bbox_embed[layer_id](query)
+                delta = float32_forward(self.bbox_embed[layer_id], query)  # boxes in float32
                 if reference_points.shape[-1] == 4:
                     new_reference = (delta + inverse_sigmoid(reference_points)).sigmoid()
                 else:  # a 2-d reference refines the centre; the size comes from the head alone
@@ -552,8 +552,12 @@ class DeformableDetrTransformer(nn.Module):
                 memory, mask_flatten, layout.shapes
             )
             num_layers = self.decoder.num_layers
-            enc_outputs_class = self.decoder.class_embed[num_layers](output_memory)
-            enc_outputs_coord_unact = self.decoder.bbox_embed[num_layers](output_memory)
+            # the proposal heads in float32 under autocast, as every box head (detrkit.layers.
+            # precision): their outputs become the decoder's reference boxes
+            enc_outputs_class = float32_forward(self.decoder.class_embed[num_layers], output_memory)
+            enc_outputs_coord_unact = float32_forward(
+                self.decoder.bbox_embed[num_layers], output_memory
+            )
             enc_outputs_coord_unact = enc_outputs_coord_unact + output_proposals
             # the proposals scoring highest for class 0 (the "object" logit) seed the decoder
             objectness = enc_outputs_class[..., 0]
@@ -576,7 +580,9 @@ class DeformableDetrTransformer(nn.Module):
             query_pos, query = torch.split(query_embed, channels, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             query = query.unsqueeze(0).expand(batch, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            # float32 under autocast: a bf16 sigmoid near 1 is good to 2^-8 of the image side,
+            # and every box of the decoder is refined from this point
+            reference_points = float32_forward(self.reference_points, query_pos).sigmoid()
         init_reference = reference_points
 
         states, inter_references = self.decoder(
