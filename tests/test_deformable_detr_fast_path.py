@@ -273,11 +273,9 @@ def test_bf16_autocast_keeps_the_positional_embedding_in_bf16_and_stays_close():
     assert (bf16.scores.float() - fp32.scores).abs().max() < 0.02
 
 
-@pytest.mark.parametrize("variant", ["multi_scale", "refine"])
-def test_heads_run_in_float32_under_bf16_autocast(variant):
-    """The class and box heads compute in float32 under bf16 autocast: the outputs equal the
-    heads applied by hand to the decoder states without autocast."""
-    model = tiny_model(variant)
+def predict_under_bf16_autocast(model: torch.nn.Module) -> tuple:
+    """`model.predict` of a random image under bf16 autocast: its output and the transformer's
+    decoder states, initial reference and refined references."""
     inputs = images((96, 128))
     captured = {}
 
@@ -288,8 +286,16 @@ def test_heads_run_in_float32_under_bf16_autocast(variant):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         output = model.predict(*model._features_and_masks(model.preprocess_image(inputs)))
     handle.remove()
-    states = captured["states"]
-    references = [captured["init"], *captured["inter"][:-1]]
+    return output, captured["states"], captured["init"], captured["inter"]
+
+
+@pytest.mark.parametrize("variant", ["multi_scale", "refine"])
+def test_heads_run_in_float32_under_bf16_autocast(variant):
+    """The class and box heads compute in float32 under bf16 autocast: the outputs equal the
+    heads applied by hand to the decoder states without autocast."""
+    model = tiny_model(variant)
+    output, states, init, inter = predict_under_bf16_autocast(model)
+    references = [init, *inter[:-1]]
     with torch.no_grad():
         last = len(references) - 1
         state = states[last].float()
@@ -313,17 +319,7 @@ def test_reference_boxes_are_float32_under_bf16_autocast(variant):
     proposals come from their heads computed in float32: they equal the heads applied by hand,
     without autocast, to what the bf16 layers before them produced."""
     model = tiny_model(variant)
-    inputs = images((96, 128))
-    captured = {}
-
-    def record(module, args, output):
-        captured["states"], captured["init"], captured["inter"] = output[:3]
-
-    handle = model.transformer.register_forward_hook(record)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model.predict(*model._features_and_masks(model.preprocess_image(inputs)))
-    handle.remove()
-    states, init, inter = captured["states"], captured["init"], captured["inter"]
+    output, states, init, inter = predict_under_bf16_autocast(model)
     assert init.dtype == inter.dtype == torch.float32
 
     def box_head(head, state):  # the MLP written out in float32
