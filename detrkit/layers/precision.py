@@ -8,16 +8,22 @@ multiply-adds, so they run in float32 while autocast runs the rest in half preci
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["float32_forward"]
 
+T = TypeVar("T")
 
-def float32_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """`module(x)` in float32 while autocast is on (autocast off inside, `x` cast up; a float64
-    model stays float64); exactly `module(x)` otherwise, so tracing and export see no autocast
-    region and a model cast to half precision as a whole stays in it."""
+
+def float32_forward(module: Callable[[Tensor], T], x: Tensor) -> T:
+    """`module(x)` in float32 while autocast is on (autocast off inside, `x` cast up once; a
+    float64 model stays float64); exactly `module(x)` otherwise, so tracing and export see no
+    autocast region and a model cast to half precision as a whole stays in it. `module` is a
+    layer, or a function of `x` running several heads on the one float32 copy."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return module(x)

@@ -552,11 +552,13 @@ class DeformableDetrTransformer(nn.Module):
                 memory, mask_flatten, layout.shapes
             )
             num_layers = self.decoder.num_layers
-            # the proposal heads in float32 under autocast, as every box head (detrkit.layers.
-            # precision): their outputs become the decoder's reference boxes
-            enc_outputs_class = float32_forward(self.decoder.class_embed[num_layers], output_memory)
-            enc_outputs_coord_unact = float32_forward(
-                self.decoder.bbox_embed[num_layers], output_memory
+            class_head = self.decoder.class_embed[num_layers]
+            box_head = self.decoder.bbox_embed[num_layers]
+            # the proposal heads in float32 under autocast, as every box head (see
+            # detrkit.layers.precision), on one float32 copy of the tokens: their boxes become
+            # the decoder's references
+            enc_outputs_class, enc_outputs_coord_unact = float32_forward(
+                lambda tokens: (class_head(tokens), box_head(tokens)), output_memory
             )
             enc_outputs_coord_unact = enc_outputs_coord_unact + output_proposals
             # the proposals scoring highest for class 0 (the "object" logit) seed the decoder
