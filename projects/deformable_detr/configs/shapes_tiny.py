@@ -68,7 +68,7 @@ model.pixel_mean = [127.5, 127.5, 127.5]
 model.pixel_std = [64.0, 64.0, 64.0]
 
 # ---- schedule: 1300 iterations at batch 8, lr x0.1 for the last tenth; `make quickstart`
-# (install included) ends within 10 minutes on a 2-core machine
+# (install included) takes 8 to 13 minutes on this project's 2-core machines (README)
 dataloader.train.total_batch_size = 8
 # No random-crop branch: a crop cuts shapes that validation images always show whole, and within
 # 1300 iterations it delays the point where detection takes off (README, "What the quickstart
